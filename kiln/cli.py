@@ -1,0 +1,174 @@
+"""The `kiln` command. Each subcommand parses its arguments and makes one call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import kiln
+from kiln.errors import KilnError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_read_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-field", help="field holding the text in JSON/JSONL/CSV/parquet records (default: text)")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                   help="on bytes that are not UTF-8: stop with an error (strict) or replace them")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines and count them")
+
+
+def _read_options(args: argparse.Namespace):
+    from kiln.data.corpus import ReadOptions
+
+    return ReadOptions(errors=args.errors, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    # Accepted before and after the subcommand; only the top level sets defaults, so a value given
+    # before the subcommand is not overwritten by the subcommand's parser.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                   help="show the full traceback on errors")
+    p.add_argument("--data-dir", default=None if defaults else argparse.SUPPRESS,
+                   help="data mirror folder to look in first (default: $KILN_DATA_DIR)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="Kiln: from raw text to your own chatbot.",
+        epilog="Run `kiln COMMAND --help` for a command's options.", parents=[_global_options(True)],
+    )
+    parser.add_argument("--version", action="version", version=f"kiln {kiln.__version__}")
+    common = [_global_options(False)]
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    data = commands.add_parser("data", help="list the named data sets and fetch them")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    data_commands.add_parser("list", parents=common, help="show each data set's size, license and local copy")
+    get = data_commands.add_parser("get", parents=common, help="fetch a data set into the cache (checks its sha256)")
+    get.add_argument("name")
+
+    tok = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on your text")
+    tok_commands = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train = tok_commands.add_parser("train", parents=common, help="learn a byte-level BPE vocabulary from DATA")
+    train.add_argument("data", help="a data-set name, a text file or folder, or JSONL/JSON/CSV/parquet")
+    train.add_argument("--vocab-size", type=int, default=4096, help="ids in all, special tokens included")
+    train.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to merge")
+    train.add_argument("--out", required=True, help="folder to write tokenizer.json and kiln_tokenizer.json")
+    _add_read_options(train)
+
+    prep = commands.add_parser("prepare", parents=common, help="tokenize text into train/val token files for training")
+    prep.add_argument("data", help="a data-set name, a text file or folder, or JSONL/JSON/CSV/parquet")
+    prep.add_argument("--tokenizer", default="gpt2", help="char, gpt2 (default) or bpe:DIR")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the text kept for val")
+    prep.add_argument("--out", required=True, help="folder for train.bin, val.bin, meta.json, tokenizer/")
+    prep.add_argument("--dtype", default="auto", help="token file type: auto (uint16 if it fits), uint16, uint32")
+    prep.add_argument("--unk", action="store_true", help="char: map unseen characters to <unk> instead of failing")
+    prep.add_argument("--force", action="store_true", help="replace --out even if it holds something else")
+    _add_read_options(prep)
+
+    demo = commands.add_parser("demo", parents=common, help="the main job: get the default corpus and prepare it")
+    demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
+    return parser
+
+
+def cmd_data_list(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kiln.data.fetch import is_present
+    from kiln.data.registry import DATASETS
+
+    table = Table("name", "size", "license", "local copy", "what it is", box=None, pad_edge=False)
+    for ds in DATASETS.values():
+        places = {is_present(f, args.data_dir) for f in ds.files.values()}
+        local = (places.pop() or "no") if len(places) == 1 else "partly"
+        table.add_row(ds.name, _human_size(ds.size), ds.license, "built in" if ds.format == "builtin" else local,
+                      ds.description)
+    Console(width=max(Console().width, 140)).print(table)
+
+
+def _human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    return next(f"{size / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+                if size >= scale or unit == "B")
+
+
+def cmd_data_get(args: argparse.Namespace) -> None:
+    from kiln.data.fetch import resolve_dataset
+    from kiln.data.registry import get_dataset
+
+    dataset = get_dataset(args.name)
+    if dataset.format == "builtin":
+        print(f"{dataset.name} is built in: nothing to fetch")
+        return
+    for role, path in resolve_dataset(dataset, args.data_dir).items():
+        print(f"{dataset.name} {role}: {path}")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from kiln.data.corpus import open_corpus
+    from kiln.data.prepare import safe_chunks
+    from kiln.data.tokenizers import BPETokenizer
+
+    corpora = open_corpus(args.data, args.data_dir, _read_options(args))
+    texts = (chunk for c in corpora.values() for doc in c.documents() for chunk in safe_chunks(doc))
+    start = time.perf_counter()
+    tokenizer = BPETokenizer.train(texts, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
+    folder = tokenizer.save(args.out)
+    print(f"trained {tokenizer.describe()} in {time.perf_counter() - start:.1f}s -> {folder}")
+    print(f"use it with: kiln prepare DATA --tokenizer bpe:{folder} --out DIR")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from kiln.data.corpus import open_corpus
+    from kiln.data.prepare import prepare_corpus
+
+    corpora = open_corpus(args.data, args.data_dir, _read_options(args))
+    start = time.perf_counter()
+    prepared = prepare_corpus(corpora, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                              dtype=args.dtype, unk=args.unk, force=args.force, data_dir=args.data_dir)
+    skipped = prepared.meta["source"]["skipped_lines"]
+    if skipped:
+        print(f"warning: skipped {skipped:,} malformed lines", file=sys.stderr)
+    print(f"{prepared.summary()} in {time.perf_counter() - start:.1f}s -> {prepared.folder}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from kiln.demo import run_demo
+
+    run_demo(Path(args.out), args.data_dir)
+
+
+COMMANDS = {
+    ("data", "list"): cmd_data_list,
+    ("data", "get"): cmd_data_get,
+    ("tokenizer", "train"): cmd_tokenizer_train,
+    ("prepare", None): cmd_prepare,
+    ("demo", None): cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    action = getattr(args, f"{args.command}_command", None)
+    try:
+        COMMANDS[(args.command, action)](args)
+    except KilnError as e:
+        if args.debug:
+            raise
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    return 0

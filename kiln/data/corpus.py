@@ -1,0 +1,267 @@
+"""Read text to train on: documents streamed as chunks, from files, folders, JSONL, tables or built-ins.
+
+Nothing here holds a whole corpus in memory: a document is an iterator of text chunks, so a 500 MB
+file is read a megabyte at a time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.data.fetch import resolve_dataset
+from kiln.data.registry import DATASETS, get_dataset
+from kiln.errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".raw"}
+TABLE_SUFFIXES = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_BLOCK = 1 << 20
+
+Documents = Iterator[Iterator[str]]
+
+
+@dataclass
+class ReadOptions:
+    """How to read user files: decoding errors, the JSON/table text field, and bad JSONL lines."""
+
+    errors: str = "strict"  # strict | replace
+    text_field: str | None = None
+    skip_bad_lines: bool = False
+
+
+@dataclass
+class Corpus:
+    """A source of documents; `documents()` may be called more than once (prepare reads twice)."""
+
+    label: str
+    options: ReadOptions = field(default_factory=ReadOptions)
+    skipped_lines: int = 0
+
+    def documents(self) -> Documents:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 that changes whenever the source's contents do."""
+        raise NotImplementedError
+
+
+@dataclass
+class TextFiles(Corpus):
+    """Plain UTF-8 text files, one document each, in the order given."""
+
+    paths: list[Path] = field(default_factory=list)
+    known_sha256: str | None = None
+
+    def documents(self) -> Documents:
+        for path in self.paths:
+            yield _read_text(path, self.options.errors)
+
+    def fingerprint(self) -> str:
+        if self.known_sha256:
+            return self.known_sha256
+        h = hashlib.sha256()
+        for path in self.paths:
+            h.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                while block := f.read(_BLOCK):
+                    h.update(block)
+        return h.hexdigest()
+
+
+def _read_text(path: Path, errors: str) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            if errors == "strict" and (nul := block.find(b"\0")) >= 0:
+                raise DataError(
+                    f"{path}: looks binary (NUL byte at byte {offset + nul:,}); give a text file, "
+                    "or pass --errors replace to read it anyway"
+                )
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: not UTF-8 at byte {offset - pending + e.start:,}; convert it to UTF-8, "
+                    "or pass --errors replace to read it anyway"
+                ) from None
+            offset += len(block)
+            if text:
+                yield text
+    try:
+        tail = decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{path}: ends inside a UTF-8 character; convert it to UTF-8, or pass --errors replace"
+        ) from None
+    if tail:
+        yield tail
+
+
+@dataclass
+class JsonlRecords(Corpus):
+    """JSON Lines: one record per line, its text field one document."""
+
+    path: Path = Path()
+
+    def documents(self) -> Documents:
+        text_field = self.options.text_field or "text"
+        self.skipped_lines = 0
+        with open(self.path, encoding="utf-8", errors=self.options.errors) as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                problem = None
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problem = f"not valid JSON ({e.msg} at column {e.colno})"
+                else:
+                    if not isinstance(record, dict):
+                        problem = "not a JSON object"
+                    elif not isinstance(record.get(text_field), str):
+                        found = ", ".join(sorted(record)) or "none"
+                        problem = f"no text field '{text_field}' (fields: {found}); choose one with --text-field"
+                if problem is None:
+                    yield iter((record[text_field],))
+                elif self.options.skip_bad_lines:
+                    self.skipped_lines += 1
+                else:
+                    raise DataError(f"{self.path}:{number}: {problem}; fix the line or pass --skip-bad-lines")
+
+    def fingerprint(self) -> str:
+        return _sha256_of(self.path, self.options.text_field)
+
+
+@dataclass
+class TableRecords(Corpus):
+    """JSON, CSV or parquet read through the `datasets` library: each row's text field one document."""
+
+    path: Path = Path()
+    table_format: str = "json"
+
+    def documents(self) -> Documents:
+        text_field = self.options.text_field or "text"
+        rows = iter(_load_table(self.path, self.table_format))
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:  # datasets raises parser errors lazily, in many types
+                raise DataError(f"{self.path}: cannot read it as {self.table_format.upper()} ({_first_line(e)})") from e
+            if text_field not in row:
+                raise DataError(
+                    f"{self.path}: no column '{text_field}' (columns: {', '.join(row)}); choose one with --text-field"
+                )
+            if isinstance(row[text_field], str):
+                yield iter((row[text_field],))
+
+    def fingerprint(self) -> str:
+        return _sha256_of(self.path, self.options.text_field)
+
+
+def _load_table(path: Path, table_format: str):
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        return datasets.load_dataset(table_format, data_files=str(path), split="train", streaming=True)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read it as {table_format.upper()} ({_first_line(e)})") from e
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _sha256_of(path: Path, salt: str | None) -> str:
+    h = hashlib.sha256((salt or "").encode() + b"\0")
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class PythonDocs(Corpus):
+    """The Python standard library's reference topics, one document each: real English on any machine."""
+
+    def documents(self) -> Documents:
+        for _, text in _python_topics():
+            yield iter((text,))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, text in _python_topics():
+            h.update(name.encode() + b"\0" + text.encode() + b"\0")
+        return h.hexdigest()
+
+
+def _python_topics() -> list[tuple[str, str]]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise DataError(
+            "python-docs: this Python has no pydoc_data module; install the full standard library "
+            "(on Debian: the python3 package, not only python3-minimal)"
+        ) from e
+    return sorted(topics.items())
+
+
+def open_corpus(
+    spec: str | os.PathLike, data_dir: str | os.PathLike | None = None, options: ReadOptions | None = None
+) -> dict[str, Corpus]:
+    """A file, folder or data-set name as corpora: {'all': c}, or {'train': c, 'val': c} for data sets
+    that ship their own validation split."""
+    options = options or ReadOptions()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return {"all": _open_path(path, options)}
+    if str(spec) not in DATASETS and (os.sep in str(spec) or path.suffix):
+        raise DataError(f"{path}: no such file or folder")
+    dataset = get_dataset(str(spec))
+    if dataset.format == "builtin":
+        return {"all": PythonDocs(label=dataset.name, options=options)}
+    if dataset.format == "tokenizer":
+        raise DataError(f"'{dataset.name}' is a tokenizer's files, not text; use it with --tokenizer gpt2")
+    if dataset.format == "instructions" and not options.text_field:
+        raise DataError(
+            f"'{dataset.name}' is an instruction data set (records, not running text): fine-tune on it, "
+            "or pass --text-field output to read one field of each record as text"
+        )
+    paths = resolve_dataset(dataset, data_dir)
+    corpora = {}
+    for role, local in paths.items():
+        corpus = _open_path(local, options, label=f"{dataset.name}" + ("" if role == "text" else f" ({role})"))
+        if isinstance(corpus, TextFiles) and role in dataset.files:
+            corpus.known_sha256 = dataset.files[role].sha256
+        corpora["all" if role == "text" else role] = corpus
+    return corpora
+
+
+def _open_path(path: Path, options: ReadOptions, label: str | None = None) -> Corpus:
+    label = label or str(path)
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise DataError(f"{path}: folder has no {'/'.join(sorted(TEXT_SUFFIXES))} files")
+        return TextFiles(label=label, options=options, paths=files)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return JsonlRecords(label=label, options=options, path=path)
+    if suffix in TABLE_SUFFIXES:
+        return TableRecords(label=label, options=options, path=path, table_format=TABLE_SUFFIXES[suffix])
+    return TextFiles(label=label, options=options, paths=[path])

@@ -1,0 +1,97 @@
+"""Batches of (input, target) windows over a memory-mapped token array, target shifted by one.
+
+Both loaders are deterministic under a seed, save and restore their position, and shard across
+data-parallel ranks (`rank`, `world_size`) so each rank sees different windows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kiln.errors import DataError
+
+
+def _check_long_enough(tokens: np.ndarray, block_size: int, label: str) -> None:
+    if len(tokens) <= block_size:
+        raise DataError(
+            f"{label or 'the data'}: {len(tokens):,} tokens is shorter than one window of {block_size + 1:,} "
+            "(block size + 1); use a smaller block size or more text"
+        )
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    windows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+
+
+class RandomWindows:
+    """nanoGPT's loader: every batch takes `batch_size` windows at uniformly random offsets, forever.
+
+    Batch k depends only on (seed, rank, k), so the position is just the step count.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, label: str = ""):
+        _check_long_enough(tokens, block_size, label)
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = 0
+
+    def __iter__(self) -> RandomWindows:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        self.step += 1
+        return _gather(self.tokens, starts, self.block_size)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+class SlidingWindows:
+    """LLMs-from-scratch's loader: windows start at 0, stride, 2*stride, ...; one pass is an epoch.
+
+    Iterating yields the rest of the current epoch (shuffled per epoch when asked), then moves on to
+    the next epoch, like a DataLoader. Rank r takes every world_size-th window of the epoch's order.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, stride: int | None = None,
+                 shuffle: bool = False, drop_last: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, label: str = ""):
+        _check_long_enough(tokens, block_size, label)
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.stride = stride or block_size
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.rank, self.world_size = rank, world_size
+        self.starts = np.arange(0, len(tokens) - block_size, self.stride)
+        self.epoch = self.index = 0
+
+    def _epoch_starts(self) -> np.ndarray:
+        starts = self.starts
+        if self.shuffle:
+            starts = starts[np.random.default_rng([self.seed, self.epoch]).permutation(len(starts))]
+        return starts[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = len(self.starts[self.rank :: self.world_size])
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        starts = self._epoch_starts()
+        while self.index < len(self):
+            batch = starts[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+            self.index += 1
+            yield _gather(self.tokens, batch, self.block_size)
+        self.epoch, self.index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

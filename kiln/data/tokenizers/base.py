@@ -1,0 +1,96 @@
+"""The one Tokenizer interface every stage uses, and loading any saved tokenizer from its folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kiln.atomic import atomic_file
+from kiln.errors import TokenizerError
+
+META_FILE = "kiln_tokenizer.json"
+EOS = "<|endoftext|>"
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Subclasses set `kind` and implement the abstract methods."""
+
+    kind: str = ""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+
+    @property
+    @abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """Special token text -> id."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids for `text`; special-token text in it is encoded as ordinary text."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text for `ids`, special tokens written out."""
+
+    @abstractmethod
+    def _save_files(self, folder: Path) -> dict:
+        """Write the files that define this tokenizer; return the extra metadata to record."""
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.special_tokens.get(EOS)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Fast path for corpora: one int64 array per text (subclasses parallelise it)."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.vocab_size:,} tokens)"
+
+    def fingerprint(self) -> str:
+        """sha256 of what defines the mapping, to tell two tokenizers apart."""
+        return hashlib.sha256(self._identity()).hexdigest()
+
+    @abstractmethod
+    def _identity(self) -> bytes:
+        """Bytes that define the mapping (vocabulary, merges, special tokens)."""
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the tokenizer into `folder` (created if needed) with a kiln_tokenizer.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+            "fingerprint": self.fingerprint(),
+            **self._save_files(folder),
+        }
+        with atomic_file(folder / META_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        return folder
+
+
+def read_meta(folder: Path) -> dict:
+    """The kiln_tokenizer.json of a saved tokenizer, or a TokenizerError saying what is missing."""
+    meta_path = Path(folder) / META_FILE
+    if not meta_path.is_file():
+        raise TokenizerError(
+            f"{folder}: not a Kiln tokenizer folder (no {META_FILE}); "
+            "make one with `kiln tokenizer train DATA --out DIR`"
+        )
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{meta_path}:{e.lineno}: not valid JSON ({e.msg})") from None

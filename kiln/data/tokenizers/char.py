@@ -1,0 +1,91 @@
+"""Character-level tokenizer: one id per distinct character of the corpus (nanoGPT's shakespeare_char)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kiln.data.tokenizers.base import Tokenizer
+from kiln.errors import TokenizerError
+
+UNK = "<unk>"
+
+
+class CharTokenizer(Tokenizer):
+    """Ids 0..n-1 are the sorted characters; special tokens (and `<unk>` when asked for) follow them."""
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str], specials: Sequence[str] = (), unk: bool = False):
+        self.chars = sorted(set(chars))
+        if any(len(c) != 1 for c in self.chars):
+            raise TokenizerError("a char vocabulary holds single characters only")
+        names = list(specials) + ([UNK] if unk and UNK not in specials else [])
+        self._specials = {name: len(self.chars) + i for i, name in enumerate(names)}
+        self.unk_id = self._specials.get(UNK)
+        self._lookup = np.full(max((ord(c) for c in self.chars), default=0) + 1, -1, dtype=np.int64)
+        for i, c in enumerate(self.chars):
+            self._lookup[ord(c)] = i
+        self._names = {i: name for name, i in self._specials.items()}
+        matchable = [re.escape(n) for n in self._specials if n != UNK]
+        self._special_pattern = re.compile("(" + "|".join(matchable) + ")") if matchable else None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + len(self._specials)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._specials)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_to_arrays([text])[0].tolist()
+
+    def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self._encode_with_specials(t) for t in texts]
+
+    def _encode_with_specials(self, text: str) -> np.ndarray:
+        if self._special_pattern is None:
+            return self._encode_array(text)
+        parts = self._special_pattern.split(text)
+        # re.split with one group alternates text, special, text, ...
+        arrays = [self._encode_array(p) if i % 2 == 0 else np.array([self._specials[p]], dtype=np.int64)
+                  for i, p in enumerate(parts) if p]
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        inside = codes < len(self._lookup)
+        ids = np.full(len(codes), -1, dtype=np.int64)
+        ids[inside] = self._lookup[codes[inside]]
+        unknown = ids < 0
+        if unknown.any():
+            if self.unk_id is None:
+                first = int(np.argmax(unknown))
+                raise TokenizerError(
+                    f"character {text[first]!r} (U+{ord(text[first]):04X}) at position {first:,} is not "
+                    "in the char vocabulary; rebuild the vocabulary on this text, or use --unk"
+                )
+            ids[unknown] = self.unk_id
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        try:
+            return "".join(self._names.get(i) or self.chars[i] for i in ids)
+        except IndexError:
+            raise TokenizerError(f"an id is outside this char vocabulary of {self.vocab_size} tokens") from None
+
+    def _identity(self) -> bytes:
+        return json.dumps([self.chars, self._specials], ensure_ascii=False).encode()
+
+    def _save_files(self, folder: Path) -> dict:
+        return {"chars": "".join(self.chars), "specials": [n for n in self._specials if n != UNK],
+                "unk": self.unk_id is not None}
+
+    @classmethod
+    def from_meta(cls, meta: dict, folder: Path) -> CharTokenizer:
+        return cls(meta["chars"], meta.get("specials", ()), unk=meta.get("unk", False))

@@ -1,0 +1,93 @@
+"""GPT-2's 50,257-token byte-level BPE through tiktoken, built from OpenAI's encoder.json + vocab.bpe."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from kiln.data.fetch import resolve_dataset
+from kiln.data.registry import get_dataset
+from kiln.data.tokenizers.base import EOS, Tokenizer
+from kiln.errors import TokenizerError
+
+# GPT-2's pre-tokenizer pattern, as tiktoken writes it (same splits as the 2019 release).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+ENCODER_FILE, MERGES_FILE = "encoder.json", "vocab.bpe"
+
+
+@functools.lru_cache(maxsize=4)
+def _encoding(encoder_json: str, vocab_bpe: str) -> tiktoken.Encoding:
+    files = get_dataset("gpt2-tokenizer").files
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=vocab_bpe,
+            encoder_json_file=encoder_json,
+            vocab_bpe_hash=files["merges"].sha256,
+            encoder_json_hash=files["encoder"].sha256,
+        )
+    except (ValueError, OSError, AssertionError) as e:
+        raise TokenizerError(
+            f"{Path(encoder_json).parent}: not GPT-2's encoder.json + vocab.bpe ({e}); "
+            "`kiln data get gpt2-tokenizer` fetches the real files"
+        ) from None
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOS: 50256})
+
+
+class GPT2Tokenizer(Tokenizer):
+    """The GPT-2 tokenizer. `<|endoftext|>` (50256) is EOS, also when it appears in the text."""
+
+    kind = "gpt2"
+
+    def __init__(self, encoder_json: Path, vocab_bpe: Path):
+        self.encoder_json, self.vocab_bpe = Path(encoder_json), Path(vocab_bpe)
+        self._enc = _encoding(str(self.encoder_json), str(self.vocab_bpe))
+
+    @classmethod
+    def resolve(cls, data_dir: str | os.PathLike | None = None) -> GPT2Tokenizer:
+        """Find the files through the data mirror, cache or a download."""
+        paths = resolve_dataset(get_dataset("gpt2-tokenizer"), data_dir)
+        return cls(paths["encoder"], paths["merges"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {EOS: self._enc.eot_token}
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special="all")
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._enc.encode_batch(list(texts), allowed_special="all", num_threads=os.cpu_count() or 1)
+
+    def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        # tiktoken releases the GIL while it encodes, so threads use every core.
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            return list(pool.map(lambda t: self._enc.encode_to_numpy(t, allowed_special="all"), texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode(list(ids))
+
+    def _identity(self) -> bytes:
+        files = get_dataset("gpt2-tokenizer").files
+        return f"gpt2:{files['encoder'].sha256}:{files['merges'].sha256}".encode()
+
+    def _save_files(self, folder: Path) -> dict:
+        for source, name in ((self.encoder_json, ENCODER_FILE), (self.vocab_bpe, MERGES_FILE)):
+            if source.resolve() != (folder / name).resolve():
+                shutil.copyfile(source, folder / name)
+        return {}
+
+    @classmethod
+    def from_meta(cls, meta: dict, folder: Path) -> GPT2Tokenizer:
+        return cls(folder / ENCODER_FILE, folder / MERGES_FILE)

@@ -1,0 +1,17 @@
+"""One exception type per kind of user mistake; `kiln.cli` prints them as one line and exits 2."""
+
+
+class KilnError(Exception):
+    """A mistake the user can fix; the message says what is wrong and what to do."""
+
+
+class DataError(KilnError):
+    """Bad or missing data: files, data-set names, formats, checksums, prepared corpora."""
+
+
+class TokenizerError(KilnError):
+    """A tokenizer that cannot be built, loaded, or used on the given text."""
+
+
+class ConfigError(KilnError):
+    """A setting that does not exist or has a value of the wrong kind."""

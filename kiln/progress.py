@@ -1,0 +1,55 @@
+"""Progress bars with rate and ETA for long work (rich), silent when $KILN_QUIET is set."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+QUIET_ENV = "KILN_QUIET"
+
+
+class _CountAndRate(ProgressColumn):
+    """'12.3M chars, 4.1M chars/s'."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        rate = f", {_short(task.speed)} {self.unit}/s" if task.speed else ""
+        return Text(f"{_short(task.completed)} {self.unit}{rate}", style="progress.data.speed")
+
+
+def _short(n: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+@contextmanager
+def progress_bar(label: str, total: float | None, unit: str = "") -> Iterator[Callable[[float], None]]:
+    """Yield `advance(n)`; draws a transient bar with rate and ETA on the terminal."""
+    if os.environ.get(QUIET_ENV):
+        yield lambda n: None
+        return
+    columns: list = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
+    columns += [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [_CountAndRate(unit)]
+    columns.append(TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
