@@ -15,8 +15,12 @@ EXIT_USER_ERROR = 2
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", help="field holding the text in JSON/JSONL/CSV/parquet records (default: text)")
-    p.add_argument("--errors", choices=["strict", "replace"], default="strict",
-                   help="on bytes that are not UTF-8: stop with an error (strict) or replace them")
+    p.add_argument(
+        "--errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="on bytes that are not UTF-8: stop with an error (strict) or replace them",
+    )
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines and count them")
 
 
@@ -30,17 +34,26 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     # Accepted before and after the subcommand; only the top level sets defaults, so a value given
     # before the subcommand is not overwritten by the subcommand's parser.
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--debug", action="store_true", default=False if defaults else argparse.SUPPRESS,
-                   help="show the full traceback on errors")
-    p.add_argument("--data-dir", default=None if defaults else argparse.SUPPRESS,
-                   help="data mirror folder to look in first (default: $KILN_DATA_DIR)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="show the full traceback on errors",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None if defaults else argparse.SUPPRESS,
+        help="data mirror folder to look in first (default: $KILN_DATA_DIR)",
+    )
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kiln", description="Kiln: from raw text to your own chatbot.",
-        epilog="Run `kiln COMMAND --help` for a command's options.", parents=[_global_options(True)],
+        prog="kiln",
+        description="Kiln: from raw text to your own chatbot.",
+        epilog="Run `kiln COMMAND --help` for a command's options.",
+        parents=[_global_options(True)],
     )
     parser.add_argument("--version", action="version", version=f"kiln {kiln.__version__}")
     common = [_global_options(False)]
@@ -87,16 +100,20 @@ def cmd_data_list(args: argparse.Namespace) -> None:
     for ds in DATASETS.values():
         places = {is_present(f, args.data_dir) for f in ds.files.values()}
         local = (places.pop() or "no") if len(places) == 1 else "partly"
-        table.add_row(ds.name, _human_size(ds.size), ds.license, "built in" if ds.format == "builtin" else local,
-                      ds.description)
+        table.add_row(
+            ds.name, _human_size(ds.size), ds.license, "built in" if ds.format == "builtin" else local, ds.description
+        )
     Console(width=max(Console().width, 140)).print(table)
 
 
 def _human_size(size: int | None) -> str:
     if size is None:
         return "-"
-    return next(f"{size / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
-                if size >= scale or unit == "B")
+    return next(
+        f"{size / scale:.1f} {unit}"
+        for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+        if size >= scale or unit == "B"
+    )
 
 
 def cmd_data_get(args: argparse.Namespace) -> None:
@@ -131,8 +148,16 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     corpora = open_corpus(args.data, args.data_dir, _read_options(args))
     start = time.perf_counter()
-    prepared = prepare_corpus(corpora, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                              dtype=args.dtype, unk=args.unk, force=args.force, data_dir=args.data_dir)
+    prepared = prepare_corpus(
+        corpora,
+        args.tokenizer,
+        args.out,
+        val_fraction=args.val_fraction,
+        dtype=args.dtype,
+        unk=args.unk,
+        force=args.force,
+        data_dir=args.data_dir,
+    )
     skipped = prepared.meta["source"]["skipped_lines"]
     if skipped:
         print(f"warning: skipped {skipped:,} malformed lines", file=sys.stderr)

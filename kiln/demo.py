@@ -23,12 +23,22 @@ def run_demo(out: Path, data_dir: str | os.PathLike | None = None) -> None:
     try:
         corpus_name, corpora = DEFAULT_CORPUS, open_corpus(DEFAULT_CORPUS, data_dir)
     except DataError as e:
-        console.print(f"[yellow]Tiny Shakespeare could not be obtained ({e}); using the built-in "
-                      f"{FALLBACK_CORPUS} corpus (Python's own reference text) instead.")
+        console.print(
+            f"[yellow]Tiny Shakespeare could not be obtained ({e}); using the built-in "
+            f"{FALLBACK_CORPUS} corpus (Python's own reference text) instead."
+        )
         corpus_name, corpora = FALLBACK_CORPUS, open_corpus(FALLBACK_CORPUS, data_dir)
 
-    table = Table("tokenizer", "vocab", "train tokens", "val tokens", "chars/token", "seconds", "folder",
-                  title=f"{corpus_name}, first 90% train / last 10% val")
+    table = Table(
+        "tokenizer",
+        "vocab",
+        "train tokens",
+        "val tokens",
+        "chars/token",
+        "seconds",
+        "folder",
+        title=f"{corpus_name}, first 90% train / last 10% val",
+    )
     samples = {}
     for tokenizer in ("char", "gpt2"):
         start = time.perf_counter()
@@ -41,9 +51,15 @@ def run_demo(out: Path, data_dir: str | os.PathLike | None = None) -> None:
         splits = prepared.meta["splits"]
         chars = splits["train"]["chars"] + splits["val"]["chars"]
         tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
-        table.add_row(tokenizer, f"{prepared.meta['tokenizer']['vocab_size']:,}", f"{splits['train']['tokens']:,}",
-                      f"{splits['val']['tokens']:,}", f"{chars / tokens:.2f}", f"{seconds:.1f}",
-                      str(prepared.folder))
+        table.add_row(
+            tokenizer,
+            f"{prepared.meta['tokenizer']['vocab_size']:,}",
+            f"{splits['train']['tokens']:,}",
+            f"{splits['val']['tokens']:,}",
+            f"{chars / tokens:.2f}",
+            f"{seconds:.1f}",
+            str(prepared.folder),
+        )
         ids = prepared.tokens("val")[:24].tolist()
         samples[tokenizer] = "|".join(prepared.tokenizer.decode([i]) for i in ids)
     console.print(table)

@@ -252,8 +252,13 @@ def _open_path(path: Path, options: ReadOptions, label: str | None = None) -> Co
     label = label or str(path)
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+            (
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in TEXT_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:

@@ -60,9 +60,7 @@ def is_present(remote: RemoteFile, data_dir: str | os.PathLike | None = None) ->
     return None
 
 
-def resolve_file(
-    remote: RemoteFile, data_dir: str | os.PathLike | None = None, download: bool = True
-) -> Path:
+def resolve_file(remote: RemoteFile, data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
     """A verified local path for `remote`: mirror, then cache, then a download into the cache."""
     mirror = mirror_dir(data_dir)
     if mirror is not None:

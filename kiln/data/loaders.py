@@ -31,8 +31,16 @@ class RandomWindows:
     Batch k depends only on (seed, rank, k), so the position is just the step count.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, label: str = ""):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        label: str = "",
+    ):
         _check_long_enough(tokens, block_size, label)
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -61,9 +69,19 @@ class SlidingWindows:
     the next epoch, like a DataLoader. Rank r takes every world_size-th window of the epoch's order.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, stride: int | None = None,
-                 shuffle: bool = False, drop_last: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, label: str = ""):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        stride: int | None = None,
+        shuffle: bool = False,
+        drop_last: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        label: str = "",
+    ):
         _check_long_enough(tokens, block_size, label)
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.stride = stride or block_size

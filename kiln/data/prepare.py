@@ -27,7 +27,8 @@ from kiln.progress import progress_bar
 CHUNK_CHARS = 1 << 20  # text handed to the tokenizer at a time
 BATCH_CHARS = 8 << 20  # text encoded in one parallel batch
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-_SAFE_CUT = re.compile(r"\s(?=\S)")
+_SAFE_CUT = re.compile(r"\s(?=\S)")  # searched in reversed text: a space after a non-space
+_SAFE_CUT_FORWARD = re.compile(r"(?<=\S)\s")
 
 
 @dataclass
@@ -53,30 +54,34 @@ def scan(corpus: Corpus, collect_chars: bool) -> CorpusStats:
     return stats
 
 
-def safe_chunks(document: Iterator[str], size: int = CHUNK_CHARS) -> Iterator[str]:
-    """Re-cut a document into pieces of about `size` characters that end where the GPT-2 pre-tokenizer
-    always splits (a non-space followed by a space), so encoding piece by piece equals encoding it whole."""
+def safe_chunks(document: Iterator[str], size: int | None = None) -> Iterator[str]:
+    """Re-cut a document into pieces of at most about `size` characters that end where the GPT-2
+    pre-tokenizer always splits (a non-space followed by a space), so encoding piece by piece equals
+    encoding the document whole."""
+    size = size or CHUNK_CHARS
     carry = ""
     for text in document:
         carry += text
         while len(carry) >= size:
-            cut = _last_safe_cut(carry)
-            if cut <= 0:
+            cut = _safe_cut(carry, size)
+            if cut is None:
                 if len(carry) < 16 * size:
-                    break
-                cut = len(carry)  # no whitespace for 16 MB: give up exactness at this one seam
+                    break  # wait for more text: the next whitespace may come soon
+                cut = len(carry)  # no whitespace in 16 pieces' worth: exactness at this one seam is lost
             yield carry[:cut]
             carry = carry[cut:]
     if carry:
         yield carry
 
 
-def _last_safe_cut(text: str) -> int:
-    for window in (text[-65536:], text):
-        match = _SAFE_CUT.search(window[::-1])
-        if match:
-            return len(text) - 1 - match.start()
-    return 0
+def _safe_cut(text: str, size: int) -> int | None:
+    """The last safe cut in text[:size], else the first one after it, else None."""
+    head = text[max(0, size - 65536) : size]
+    match = _SAFE_CUT.search(head[::-1])
+    if match:
+        return max(0, size - 65536) + len(head) - 1 - match.start()
+    later = _SAFE_CUT_FORWARD.search(text, size)
+    return later.start() if later else None
 
 
 def _pieces(corpus: Corpus, split_at: int | None, default_split: str) -> Iterator[tuple[str, str, bool]]:
@@ -153,12 +158,17 @@ def prepare_corpus(
     token_dtype = _choose_dtype(dtype, tokenizer, out_dir)
 
     split_rule = (
-        "the data set's own train and val files" if "all" not in corpora
+        "the data set's own train and val files"
+        if "all" not in corpora
         else f"first {1 - val_fraction:.0%} of characters train, last {val_fraction:.0%} val"
     )
     source = {role: corpus.fingerprint() for role, corpus in corpora.items()}
-    wanted = {"source_sha256": source, "tokenizer_fingerprint": tokenizer.fingerprint(),
-              "val_fraction": val_fraction if "all" in corpora else None, "dtype": np.dtype(token_dtype).name}
+    wanted = {
+        "source_sha256": source,
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "val_fraction": val_fraction if "all" in corpora else None,
+        "dtype": np.dtype(token_dtype).name,
+    }
     if not force and (existing := _reusable(out_dir, wanted)):
         return existing
     if is_prepared_dir(out_dir) and not force:
@@ -174,8 +184,12 @@ def prepare_corpus(
     with atomic_dir(out_dir) as tmp:
         bar = progress_bar(f"tokenizing {label} ({tokenizer.kind})", total_chars, "chars")
         with ExitStack() as files, bar as advance:
-            writers = {split: _SplitWriter(files.enter_context(open(tmp / f"{split}.bin", "wb")), token_dtype,
-                                           tokenizer.eos_id) for split in SPLITS}
+            writers = {
+                split: _SplitWriter(
+                    files.enter_context(open(tmp / f"{split}.bin", "wb")), token_dtype, tokenizer.eos_id
+                )
+                for split in SPLITS
+            }
             for role, corpus in corpora.items():
                 split_at = int(stats[role].chars * (1 - val_fraction)) if role == "all" else None
                 _encode_into(_pieces(corpus, split_at, role), tokenizer, writers, advance)
@@ -187,10 +201,17 @@ def prepare_corpus(
             "kiln": PREPARED_MARK,
             "format_version": 1,
             "created_by": f"kiln {kiln.__version__}",
-            "source": {"label": label, "sha256": source,
-                       "skipped_lines": sum(c.skipped_lines for c in corpora.values())},
-            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-                          "fingerprint": tokenizer.fingerprint(), "eos_id": tokenizer.eos_id},
+            "source": {
+                "label": label,
+                "sha256": source,
+                "skipped_lines": sum(c.skipped_lines for c in corpora.values()),
+            },
+            "tokenizer": {
+                "kind": tokenizer.kind,
+                "vocab_size": tokenizer.vocab_size,
+                "fingerprint": tokenizer.fingerprint(),
+                "eos_id": tokenizer.eos_id,
+            },
             "dtype": np.dtype(token_dtype).name,
             "split": split_rule,
             "val_fraction": val_fraction if "all" in corpora else None,
@@ -216,8 +237,12 @@ def _reusable(out_dir: Path, wanted: dict) -> PreparedCorpus | None:
     if not is_prepared_dir(out_dir):
         return None
     meta = json.loads((out_dir / META_FILE).read_text())
-    found = {"source_sha256": meta["source"]["sha256"], "tokenizer_fingerprint": meta["tokenizer"]["fingerprint"],
-             "val_fraction": meta["val_fraction"], "dtype": meta["dtype"]}
+    found = {
+        "source_sha256": meta["source"]["sha256"],
+        "tokenizer_fingerprint": meta["tokenizer"]["fingerprint"],
+        "val_fraction": meta["val_fraction"],
+        "dtype": meta["dtype"],
+    }
     return PreparedCorpus.open(out_dir) if found == wanted else None
 
 

@@ -228,6 +228,4 @@ def get_dataset(name: str) -> DataSet:
         return DATASETS[name]
     close = difflib.get_close_matches(name, DATASETS, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise DataError(
-        f"no file or data set called '{name}': {hint}`kiln data list` shows the data sets Kiln knows"
-    )
+    raise DataError(f"no file or data set called '{name}': {hint}`kiln data list` shows the data sets Kiln knows")

@@ -13,8 +13,15 @@ from kiln.errors import TokenizerError
 
 KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
 
-__all__ = ["EOS", "BPETokenizer", "CharTokenizer", "GPT2Tokenizer", "Tokenizer", "load_tokenizer",
-           "tokenizer_from_spec"]
+__all__ = [
+    "EOS",
+    "BPETokenizer",
+    "CharTokenizer",
+    "GPT2Tokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+    "tokenizer_from_spec",
+]
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:

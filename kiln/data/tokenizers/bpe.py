@@ -28,8 +28,9 @@ class BPETokenizer(Tokenizer):
         self.hf = hf_tokenizer
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-              show_progress: bool = False) -> BPETokenizer:
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
+    ) -> BPETokenizer:
         """Learn merges from `texts` until the vocabulary has `vocab_size` ids (specials included)."""
         if vocab_size < MIN_VOCAB:
             raise TokenizerError(

@@ -53,8 +53,11 @@ class CharTokenizer(Tokenizer):
             return self._encode_array(text)
         parts = self._special_pattern.split(text)
         # re.split with one group alternates text, special, text, ...
-        arrays = [self._encode_array(p) if i % 2 == 0 else np.array([self._specials[p]], dtype=np.int64)
-                  for i, p in enumerate(parts) if p]
+        arrays = [
+            self._encode_array(p) if i % 2 == 0 else np.array([self._specials[p]], dtype=np.int64)
+            for i, p in enumerate(parts)
+            if p
+        ]
         return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
     def _encode_array(self, text: str) -> np.ndarray:
@@ -83,8 +86,11 @@ class CharTokenizer(Tokenizer):
         return json.dumps([self.chars, self._specials], ensure_ascii=False).encode()
 
     def _save_files(self, folder: Path) -> dict:
-        return {"chars": "".join(self.chars), "specials": [n for n in self._specials if n != UNK],
-                "unk": self.unk_id is not None}
+        return {
+            "chars": "".join(self.chars),
+            "specials": [n for n in self._specials if n != UNK],
+            "unk": self.unk_id is not None,
+        }
 
     @classmethod
     def from_meta(cls, meta: dict, folder: Path) -> CharTokenizer:

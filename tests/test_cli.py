@@ -1,0 +1,231 @@
+"""The `kiln` command: help, version, the data commands, and one clear line (exit 2) for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import kiln
+from kiln.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kiln: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_help_lists_every_command_and_version_prints():
+    result = subprocess.run([sys.executable, "-m", "kiln", "--help"], capture_output=True, text=True, check=True)
+    for command in ("data", "tokenizer", "prepare", "demo"):
+        assert f"    {command} " in result.stdout
+    version = subprocess.run([sys.executable, "-m", "kiln", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"kiln {kiln.__version__}"
+
+
+def test_data_list_shows_local_copies(capsys, mirror):
+    code, out, _ = run(capsys, "data", "list")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert "mirror" in rows["tinyshakespeare"] and "1.1 MB" in rows["tinyshakespeare"]
+    assert "CC BY-NC 4.0" in rows["alpaca"] and " no " in rows["alpaca"]
+    assert "built in" in rows["python-docs"]
+
+
+def test_data_get_reports_where_the_files_are(capsys, mirror):
+    code, out, _ = run(capsys, "data", "get", "wikitext-2")
+    assert code == 0
+    assert f"wikitext-2 val: {mirror / 'wikitext-2' / 'valid.txt'}" in out
+
+
+def test_tokenizer_train_then_prepare_with_it(capsys, tmp_path, mirror):
+    code, out, _ = run(
+        capsys, "tokenizer", "train", "tinyshakespeare", "--vocab-size", "4096", "--out", str(tmp_path / "tok")
+    )
+    assert code == 0 and "bpe (4,096 tokens)" in out
+    meta = json.loads((tmp_path / "tok" / "kiln_tokenizer.json").read_text())
+    assert meta["kind"] == "bpe" and meta["special_tokens"]["<|endoftext|>"] == 0
+    code, out, _ = run(
+        capsys, "prepare", "the-verdict", "--tokenizer", f"bpe:{tmp_path / 'tok'}", "--out", str(tmp_path / "data")
+    )
+    assert code == 0 and "bpe tokenizer, vocab 4,096, uint16" in out
+
+
+def test_prepare_prints_a_summary(capsys, tmp_path, mirror):
+    code, out, _ = run(capsys, "prepare", "tinyshakespeare", "--tokenizer", "char", "--out", str(tmp_path / "c"))
+    assert code == 0
+    assert "train 1,003,854 tokens, val 111,540 tokens" in out
+
+
+def test_demo_prepares_the_default_corpus(capsys, tmp_path, mirror):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
+    assert code == 0
+    assert "1,003,854" in out and "301,966" in out
+    assert (tmp_path / "demo" / "tinyshakespeare-gpt2" / "train.bin").is_file()
+
+
+def test_demo_falls_back_to_python_docs_when_shakespeare_is_missing(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_DATA_DIR", str(tmp_path / "empty-mirror"))
+    monkeypatch.setattr("kiln.data.registry.DATASETS", _offline_registry())
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
+    assert code == 0
+    assert "Tiny Shakespeare could not be obtained" in out and "python-docs" in out
+    assert (tmp_path / "demo" / "python-docs-char" / "train.bin").is_file()
+
+
+def _offline_registry():
+    """The registry with every download address pointing at a closed local port."""
+    from dataclasses import replace
+
+    from kiln.data.registry import DATASETS
+
+    return {
+        name: replace(
+            ds, files={role: replace(f, urls=("http://127.0.0.1:9/" + f.path,)) for role, f in ds.files.items()}
+        )
+        for name, ds in DATASETS.items()
+    }
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.dat").write_bytes(b"\x7fELF\0\0\0")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    (tmp_path / "mirror" / "demo").mkdir(parents=True)
+    return tmp_path
+
+
+BAD_INPUTS = {
+    "missing file": (["prepare", "{d}/nope.txt", "--out", "{d}/o"], ["nope.txt: no such file or folder"]),
+    "unknown data set": (["prepare", "tinyshakespear", "--out", "{d}/o"], ["did you mean tinyshakespeare"]),
+    "empty corpus": (["prepare", "{d}/empty.txt", "--out", "{d}/o"], ["empty.txt: the corpus is empty"]),
+    "binary input": (["prepare", "{d}/binary.dat", "--out", "{d}/o"], ["binary.dat: looks binary", "--errors replace"]),
+    "not utf-8": (
+        ["prepare", "{d}/latin1.txt", "--tokenizer", "char", "--out", "{d}/o"],
+        ["latin1.txt: not UTF-8 at byte 3", "--errors replace"],
+    ),
+    "malformed jsonl": (
+        ["prepare", "{d}/bad.jsonl", "--out", "{d}/o"],
+        ["bad.jsonl:2: not valid JSON", "--skip-bad-lines"],
+    ),
+    "not kiln's folder": (
+        ["prepare", "the-verdict", "--out", "{d}/mine"],
+        ["mine: exists and is not a Kiln", "--force"],
+    ),
+    "bad val fraction": (["prepare", "the-verdict", "--val-fraction", "1", "--out", "{d}/o"], ["--val-fraction 1.0"]),
+    "unknown tokenizer": (
+        ["prepare", "the-verdict", "--tokenizer", "gpt-2", "--out", "{d}/o"],
+        ["unknown tokenizer 'gpt-2'"],
+    ),
+    "bpe folder missing": (
+        ["prepare", "the-verdict", "--tokenizer", "bpe:{d}/mine", "--out", "{d}/o"],
+        ["not a Kiln tokenizer folder"],
+    ),
+    "tiny bpe vocabulary": (
+        ["tokenizer", "train", "the-verdict", "--vocab-size", "10", "--out", "{d}/t"],
+        ["at least 261"],
+    ),
+    "unknown data get": (["data", "get", "wikitext2"], ["did you mean wikitext-2"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_exit_2(case, capsys, files, mirror):
+    argv, fragments = BAD_INPUTS[case]
+    code, _, err = run(capsys, *[a.format(d=files) for a in argv])
+    assert_one_line_error(code, err, *fragments)
+    assert not (files / "o").exists()
+    assert (files / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_skip_bad_lines_goes_on_and_counts(capsys, files, mirror):
+    code, out, err = run(
+        capsys,
+        "prepare",
+        str(files / "bad.jsonl"),
+        "--skip-bad-lines",
+        "--val-fraction",
+        "0",
+        "--out",
+        str(files / "o"),
+    )
+    assert code == 0 and "skipped 1 malformed lines" in err
+
+
+def test_errors_replace_goes_on(capsys, files):
+    code, out, _ = run(
+        capsys,
+        "prepare",
+        str(files / "latin1.txt"),
+        "--tokenizer",
+        "char",
+        "--errors",
+        "replace",
+        "--val-fraction",
+        "0",
+        "--out",
+        str(files / "o"),
+    )
+    assert code == 0 and "train 12 tokens" in out
+
+
+def test_checksum_mismatch_in_the_mirror(capsys, tmp_path, mirror):
+    (tmp_path / "the-verdict.txt").write_text("not the verdict")
+    code, _, err = run(capsys, "--data-dir", str(tmp_path), "prepare", "the-verdict", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "the-verdict.txt: it has 15 bytes, expected 20,479")
+
+
+def test_prepared_with_another_tokenizer(capsys, tmp_path, mirror):
+    assert run(capsys, "prepare", "the-verdict", "--tokenizer", "char", "--out", str(tmp_path / "v"))[0] == 0
+    code, _, err = run(capsys, "prepare", "the-verdict", "--tokenizer", "gpt2", "--out", str(tmp_path / "v"))
+    assert_one_line_error(code, err, "prepared with the char tokenizer, not gpt2")
+
+
+def test_vocabulary_too_large_for_the_dtype(capsys, tmp_path):
+    (tmp_path / "wide.txt").write_text("".join(chr(0x20000 + i) for i in range(66_000)), encoding="utf-8")
+    code, _, err = run(
+        capsys,
+        "prepare",
+        str(tmp_path / "wide.txt"),
+        "--tokenizer",
+        "char",
+        "--dtype",
+        "uint16",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_one_line_error(code, err, "66,000 tokens does not fit uint16", "--dtype uint32")
+
+
+def test_offline_download_error_names_where_to_put_the_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("kiln.data.registry.DATASETS", _offline_registry())
+    code, _, err = run(capsys, "--data-dir", str(tmp_path / "m"), "data", "get", "tinystories")
+    assert_one_line_error(
+        code,
+        err,
+        "could not get http://127.0.0.1:9/tinystories/TinyStoriesV2-GPT4-valid.txt",
+        str(tmp_path / "m" / "tinystories" / "TinyStoriesV2-GPT4-valid.txt"),
+    )
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from kiln.errors import DataError
+
+    with pytest.raises(DataError):
+        main(["prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), "--debug"])
