@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kiln.data.corpus import open_corpus
@@ -32,12 +33,11 @@ def run_demo(out: Path, data_dir: str | os.PathLike | None = None) -> None:
     table = Table(
         "tokenizer",
         "vocab",
-        "train tokens",
-        "val tokens",
+        "train",
+        "val",
         "chars/token",
         "seconds",
-        "folder",
-        title=f"{corpus_name}, first 90% train / last 10% val",
+        title=f"{corpus_name}: tokens in the first 90% (train) and last 10% (val)",
     )
     samples = {}
     for tokenizer in ("char", "gpt2"):
@@ -58,11 +58,10 @@ def run_demo(out: Path, data_dir: str | os.PathLike | None = None) -> None:
             f"{splits['val']['tokens']:,}",
             f"{chars / tokens:.2f}",
             f"{seconds:.1f}",
-            str(prepared.folder),
         )
         ids = prepared.tokens("val")[:24].tolist()
-        samples[tokenizer] = "|".join(prepared.tokenizer.decode([i]) for i in ids)
+        samples[tokenizer] = [prepared.tokenizer.decode([i]) for i in ids]
     console.print(table)
     for tokenizer, pieces in samples.items():
-        console.print(f"[bold]{tokenizer}[/bold] tokens at the start of val: {pieces!r}")
+        console.print(f"[bold]{tokenizer}[/bold] tokens at the start of val:", escape(repr(pieces)))
     console.print(f"\nPrepared corpora are in {out}/ (train.bin, val.bin, meta.json, tokenizer/).")

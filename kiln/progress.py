@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -43,13 +45,13 @@ def _short(n: float) -> str:
 
 @contextmanager
 def progress_bar(label: str, total: float | None, unit: str = "") -> Iterator[Callable[[float], None]]:
-    """Yield `advance(n)`; draws a transient bar with rate and ETA on the terminal."""
-    if os.environ.get(QUIET_ENV):
+    """Yield `advance(n)`; draws a transient bar with rate and ETA on stderr when it is a terminal."""
+    if os.environ.get(QUIET_ENV) or not sys.stderr.isatty():
         yield lambda n: None
         return
     columns: list = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
     columns += [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [_CountAndRate(unit)]
     columns.append(TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
