@@ -25,7 +25,18 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[to
     return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
 
-class RandomWindows:
+class _Windows:
+    """What both loaders share: the token array, window and batch sizes, seed, and rank sharding."""
+
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int, world_size: int, label: str
+    ):
+        _check_long_enough(tokens, block_size, label)
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+
+class RandomWindows(_Windows):
     """nanoGPT's loader: every batch takes `batch_size` windows at uniformly random offsets, forever.
 
     Batch k depends only on (seed, rank, k), so the position is just the step count.
@@ -41,9 +52,7 @@ class RandomWindows:
         world_size: int = 1,
         label: str = "",
     ):
-        _check_long_enough(tokens, block_size, label)
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        super().__init__(tokens, block_size, batch_size, seed, rank, world_size, label)
         self.step = 0
 
     def __iter__(self) -> RandomWindows:
@@ -62,7 +71,7 @@ class RandomWindows:
         self.step = int(state["step"])
 
 
-class SlidingWindows:
+class SlidingWindows(_Windows):
     """LLMs-from-scratch's loader: windows start at 0, stride, 2*stride, ...; one pass is an epoch.
 
     Iterating yields the rest of the current epoch (shuffled per epoch when asked), then moves on to
@@ -82,11 +91,9 @@ class SlidingWindows:
         world_size: int = 1,
         label: str = "",
     ):
-        _check_long_enough(tokens, block_size, label)
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        super().__init__(tokens, block_size, batch_size, seed, rank, world_size, label)
         self.stride = stride or block_size
-        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
-        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.starts = np.arange(0, len(tokens) - block_size, self.stride)
         self.epoch = self.index = 0
 
