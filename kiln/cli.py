@@ -129,8 +129,8 @@ def cmd_data_get(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from kiln.data.chunking import safe_chunks
     from kiln.data.corpus import open_corpus
-    from kiln.data.prepare import safe_chunks
     from kiln.data.tokenizers import BPETokenizer
 
     corpora = open_corpus(args.data, args.data_dir, _read_options(args))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 
 import kiln
 from kiln.atomic import atomic_dir
+from kiln.data.chunking import safe_chunks
 from kiln.data.corpus import Corpus
 from kiln.data.prepared import META_FILE, PREPARED_MARK, SPLITS, TOKENIZER_DIR, PreparedCorpus, is_prepared_dir
 from kiln.data.tokenizers import EOS, CharTokenizer, Tokenizer, tokenizer_from_spec
@@ -27,8 +27,6 @@ from kiln.progress import progress_bar
 CHUNK_CHARS = 1 << 20  # text handed to the tokenizer at a time
 BATCH_CHARS = 8 << 20  # text encoded in one parallel batch
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-_SAFE_CUT = re.compile(r"\s(?=\S)")  # searched in reversed text: a space after a non-space
-_SAFE_CUT_FORWARD = re.compile(r"(?<=\S)\s")
 
 
 @dataclass
@@ -54,42 +52,12 @@ def scan(corpus: Corpus, collect_chars: bool) -> CorpusStats:
     return stats
 
 
-def safe_chunks(document: Iterator[str], size: int | None = None) -> Iterator[str]:
-    """Re-cut a document into pieces of at most about `size` characters that end where the GPT-2
-    pre-tokenizer always splits (a non-space followed by a space), so encoding piece by piece equals
-    encoding the document whole."""
-    size = size or CHUNK_CHARS
-    carry = ""
-    for text in document:
-        carry += text
-        while len(carry) >= size:
-            cut = _safe_cut(carry, size)
-            if cut is None:
-                if len(carry) < 16 * size:
-                    break  # wait for more text: the next whitespace may come soon
-                cut = len(carry)  # no whitespace in 16 pieces' worth: exactness at this one seam is lost
-            yield carry[:cut]
-            carry = carry[cut:]
-    if carry:
-        yield carry
-
-
-def _safe_cut(text: str, size: int) -> int | None:
-    """The last safe cut in text[:size], else the first one after it, else None."""
-    head = text[max(0, size - 65536) : size]
-    match = _SAFE_CUT.search(head[::-1])
-    if match:
-        return max(0, size - 65536) + len(head) - 1 - match.start()
-    later = _SAFE_CUT_FORWARD.search(text, size)
-    return later.start() if later else None
-
-
 def _pieces(corpus: Corpus, split_at: int | None, default_split: str) -> Iterator[tuple[str, str, bool]]:
     """(split, text, starts_a_document) in corpus order, cut at character `split_at` into train/val."""
     position = 0
     for document in corpus.documents():
         starts = True
-        for chunk in safe_chunks(document):
+        for chunk in safe_chunks(document, CHUNK_CHARS):
             end = position + len(chunk)
             if split_at is None:
                 yield default_split, chunk, starts

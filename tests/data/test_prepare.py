@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.data import prepare as prepare_module
+from kiln.data.chunking import safe_chunks
 from kiln.data.corpus import open_corpus
-from kiln.data.prepare import prepare_corpus, safe_chunks
+from kiln.data.prepare import prepare_corpus
 from kiln.data.prepared import PreparedCorpus
 from kiln.errors import ConfigError, DataError
 

@@ -127,3 +127,9 @@ def test_gpt2_files_that_are_not_gpt2_are_refused(tmp_path, mirror):
     (tmp_path / "vocab.bpe").write_bytes((mirror / "gpt2-tokenizer" / "vocab.bpe").read_bytes())
     with pytest.raises(TokenizerError, match="not GPT-2's encoder.json"):
         GPT2Tokenizer(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_bpe_corpus_encoding_of_long_text_equals_whole_encoding(trained_bpe, shakespeare_text):
+    text = shakespeare_text[:400_000]  # several 128 KB pieces
+    (array,) = trained_bpe.encode_to_arrays([text])
+    assert array.tolist() == trained_bpe.encode(text)

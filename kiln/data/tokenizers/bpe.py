@@ -9,6 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from kiln.data.chunking import safe_chunks
 from kiln.data.tokenizers.base import EOS, Tokenizer
 from kiln.errors import TokenizerError
 
@@ -17,6 +18,7 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>")
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+CORPUS_PIECE_CHARS = 128 << 10
 
 
 class BPETokenizer(Tokenizer):
@@ -66,7 +68,15 @@ class BPETokenizer(Tokenizer):
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
+        # An HF Encoding keeps offsets and strings per token (~140 bytes each), so a corpus batch is
+        # encoded one text at a time, cut at safe seams into small pieces that run on every core.
+        arrays = []
+        for text in texts:
+            pieces = list(safe_chunks([text], CORPUS_PIECE_CHARS))
+            encodings = self.hf.encode_batch_fast(pieces, add_special_tokens=False)
+            ids = [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+            arrays.append(np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32))
+        return arrays
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
