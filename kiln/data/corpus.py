@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.data.fetch import resolve_dataset
+from kiln.data.fetch import file_sha256, resolve_dataset
 from kiln.data.registry import DATASETS, get_dataset
 from kiln.errors import DataError
 
@@ -62,15 +62,14 @@ class TextFiles(Corpus):
             yield _read_text(path, self.options.errors)
 
     def fingerprint(self) -> str:
+        """A single file's own sha256 (so a data set's registry checksum serves); for several, a hash
+        of their names and sha256s."""
         if self.known_sha256:
             return self.known_sha256
-        h = hashlib.sha256()
-        for path in self.paths:
-            h.update(path.name.encode() + b"\0")
-            with open(path, "rb") as f:
-                while block := f.read(_BLOCK):
-                    h.update(block)
-        return h.hexdigest()
+        if len(self.paths) == 1:
+            return file_sha256(self.paths[0])
+        listing = "".join(f"{p.name}\0{file_sha256(p)}\n" for p in self.paths)
+        return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _read_text(path: Path, errors: str) -> Iterator[str]:
@@ -136,7 +135,7 @@ class JsonlRecords(Corpus):
                     raise DataError(f"{self.path}:{number}: {problem}; fix the line or pass --skip-bad-lines")
 
     def fingerprint(self) -> str:
-        return _sha256_of(self.path, self.options.text_field)
+        return _records_fingerprint(self.path, self.options.text_field)
 
 
 @dataclass
@@ -164,7 +163,7 @@ class TableRecords(Corpus):
                 yield iter((row[text_field],))
 
     def fingerprint(self) -> str:
-        return _sha256_of(self.path, self.options.text_field)
+        return _records_fingerprint(self.path, self.options.text_field)
 
 
 def _load_table(path: Path, table_format: str):
@@ -183,12 +182,9 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _sha256_of(path: Path, salt: str | None) -> str:
-    h = hashlib.sha256((salt or "").encode() + b"\0")
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+def _records_fingerprint(path: Path, text_field: str | None) -> str:
+    """The file's sha256 combined with the field read from it: another field is another corpus."""
+    return hashlib.sha256(f"{text_field or 'text'}\0{file_sha256(path)}".encode()).hexdigest()
 
 
 @dataclass

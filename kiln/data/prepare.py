@@ -125,30 +125,36 @@ def prepare_corpus(
         tokenizer = tokenizer_from_spec(tokenizer, data_dir)
     token_dtype = _choose_dtype(dtype, tokenizer, out_dir)
 
-    split_rule = (
-        "the data set's own train and val files"
-        if "all" not in corpora
-        else f"first {1 - val_fraction:.0%} of characters train, last {val_fraction:.0%} val"
-    )
-    source = {role: corpus.fingerprint() for role, corpus in corpora.items()}
-    wanted = {
-        "source_sha256": source,
-        "tokenizer_fingerprint": tokenizer.fingerprint(),
-        "val_fraction": val_fraction if "all" in corpora else None,
+    own_split = "all" not in corpora
+    identity = {
+        "source": {
+            "label": ", ".join(c.label for c in corpora.values()),
+            "sha256": {role: corpus.fingerprint() for role, corpus in corpora.items()},
+        },
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "fingerprint": tokenizer.fingerprint(),
+            "eos_id": tokenizer.eos_id,
+        },
         "dtype": np.dtype(token_dtype).name,
+        "split": "the data set's own train and val files"
+        if own_split
+        else f"first {1 - val_fraction:.0%} of characters train, last {val_fraction:.0%} val",
+        "val_fraction": None if own_split else val_fraction,
     }
-    if not force and (existing := _reusable(out_dir, wanted)):
-        return existing
     if is_prepared_dir(out_dir) and not force:
-        old = json.loads((out_dir / META_FILE).read_text())
-        if old.get("tokenizer", {}).get("fingerprint") != tokenizer.fingerprint():
+        old = PreparedCorpus.open(out_dir).meta
+        if _same_request(old, identity):
+            return PreparedCorpus.open(out_dir)
+        if old["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
             raise DataError(
-                f"{out_dir}: holds data prepared with the {old.get('tokenizer', {}).get('kind')} tokenizer, "
+                f"{out_dir}: holds data prepared with the {old['tokenizer']['kind']} tokenizer, "
                 f"not {tokenizer.kind}; choose another --out or pass --force to replace it"
             )
 
     total_chars = sum(s.chars for s in stats.values())
-    label = ", ".join(c.label for c in corpora.values())
+    label = identity["source"]["label"]
     with atomic_dir(out_dir) as tmp:
         bar = progress_bar(f"tokenizing {label} ({tokenizer.kind})", total_chars, "chars")
         with ExitStack() as files, bar as advance:
@@ -169,22 +175,10 @@ def prepare_corpus(
             "kiln": PREPARED_MARK,
             "format_version": 1,
             "created_by": f"kiln {kiln.__version__}",
-            "source": {
-                "label": label,
-                "sha256": source,
-                "skipped_lines": sum(c.skipped_lines for c in corpora.values()),
-            },
-            "tokenizer": {
-                "kind": tokenizer.kind,
-                "vocab_size": tokenizer.vocab_size,
-                "fingerprint": tokenizer.fingerprint(),
-                "eos_id": tokenizer.eos_id,
-            },
-            "dtype": np.dtype(token_dtype).name,
-            "split": split_rule,
-            "val_fraction": val_fraction if "all" in corpora else None,
+            **identity,
             "splits": splits,
         }
+        meta["source"]["skipped_lines"] = sum(c.skipped_lines for c in corpora.values())
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return PreparedCorpus.open(out_dir)
 
@@ -201,17 +195,13 @@ def _choose_dtype(dtype: str, tokenizer: Tokenizer, out_dir: Path) -> type:
     return DTYPES[dtype]
 
 
-def _reusable(out_dir: Path, wanted: dict) -> PreparedCorpus | None:
-    if not is_prepared_dir(out_dir):
-        return None
-    meta = json.loads((out_dir / META_FILE).read_text())
-    found = {
-        "source_sha256": meta["source"]["sha256"],
-        "tokenizer_fingerprint": meta["tokenizer"]["fingerprint"],
-        "val_fraction": meta["val_fraction"],
-        "dtype": meta["dtype"],
-    }
-    return PreparedCorpus.open(out_dir) if found == wanted else None
+def _same_request(old: dict, new: dict) -> bool:
+    """True when a prepared folder's meta shows the same source, tokenizer, split and dtype as `new`."""
+
+    def key(meta: dict) -> tuple:
+        return (meta["source"]["sha256"], meta["tokenizer"]["fingerprint"], meta["dtype"], meta["val_fraction"])
+
+    return key(old) == key(new)
 
 
 def _encode_into(pieces, tokenizer: Tokenizer, writers: dict[str, _SplitWriter], advance) -> None:

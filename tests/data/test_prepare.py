@@ -160,3 +160,8 @@ def test_meta_json_records_what_made_the_files(shakespeare_prepared):
     assert meta["tokenizer"]["kind"] == "gpt2" and meta["tokenizer"]["eos_id"] == 50_256
     assert meta["dtype"] == "uint16"
     assert (shakespeare_prepared["gpt2"].folder / "tokenizer" / "vocab.bpe").is_file()
+
+
+def test_a_file_fingerprints_the_same_by_path_or_by_name(mirror):
+    by_name = open_corpus("tinyshakespeare", mirror)["all"].fingerprint()
+    assert open_corpus(mirror / "tinyshakespeare.txt")["all"].fingerprint() == by_name
