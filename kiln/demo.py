@@ -23,10 +23,11 @@ def run_demo(out: Path, data_dir: str | os.PathLike | None = None) -> None:
     console.rule("[bold]Kiln demo: from raw text to token files")
     try:
         corpus_name, corpora = DEFAULT_CORPUS, open_corpus(DEFAULT_CORPUS, data_dir)
-    except DataError as e:
+    except DataError:
         console.print(
-            f"[yellow]Tiny Shakespeare could not be obtained ({e}); using the built-in "
-            f"{FALLBACK_CORPUS} corpus (Python's own reference text) instead."
+            f"[yellow]Tiny Shakespeare could not be obtained (`kiln data get {DEFAULT_CORPUS}` says why); "
+            f"using the built-in {FALLBACK_CORPUS} corpus instead.",
+            soft_wrap=True,
         )
         corpus_name, corpora = FALLBACK_CORPUS, open_corpus(FALLBACK_CORPUS, data_dir)
 
