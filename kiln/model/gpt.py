@@ -1,0 +1,241 @@
+"""One GPT, configured by a dataclass: `gpt2` blocks (LayerNorm, learned positions, GELU MLP; maps onto
+transformers' GPT2LMHeadModel) or `llama` blocks (RMSNorm, RoPE, SwiGLU, grouped-query attention; maps
+onto LlamaForCausalLM). Attention goes through scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.errors import ConfigError
+from kiln.model.kv_cache import KVCache
+
+BLOCK_STYLES = ("gpt2", "llama")
+
+
+@dataclass
+class GPTConfig:
+    """Shape of the model, named as nanoGPT and the GPT-2 paper name things."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # llama: fewer key/value heads than query heads (GQA); None = n_head
+    mlp_hidden: int | None = None  # None: 4 * n_embd (gpt2), or 8/3 * n_embd rounded up to 64 (llama)
+    dropout: float = 0.0
+    bias: bool = True
+    block_style: str = "gpt2"
+    tie_weights: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.block_style not in BLOCK_STYLES:
+            raise ConfigError(f"block_style '{self.block_style}': choose one of {', '.join(BLOCK_STYLES)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}")
+        if self.block_style == "gpt2" and self.kv_heads != self.n_head:
+            raise ConfigError("n_kv_head (grouped-query attention) needs block_style=llama")
+        if self.block_style == "llama" and self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head size; n_embd / n_head = {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.block_style == "gpt2":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        """Build from a dict (config.json, --set overrides); unknown keys get a close-name suggestion."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"unknown model setting '{key}'{hint}")
+        return cls(**values)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with one fused q/k/v projection; keys and values may use fewer heads."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        kv_dim = self.kv_heads * self.head_dim
+        self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.rope = config.block_style == "llama"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split([C, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)
+        if self.kv_heads != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_head // self.kv_heads, dim=1)
+        if past == 0:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:
+            # New queries sit at positions past..past+T-1 and see every key up to their own position.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions 0..length-1, laid out for `rotate_half` as transformers' Llama does."""
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim)
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """gpt2: Linear -> GELU (tanh, as GPT-2) -> Linear.  llama: SwiGLU with a fused gate/up projection."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.swiglu = config.block_style == "llama"
+        self.hidden = config.hidden
+        self.up = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * self.hidden, bias=config.bias)
+        self.down = nn.Linear(self.hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.up(x).split(self.hidden, dim=-1)
+            return self.dropout(self.down(F.silu(gate) * up))
+        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    if config.block_style == "llama":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.norm1, self.attn = _norm(config), Attention(config)
+        self.norm2, self.mlp = _norm(config), MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, cache=None, layer=0):
+        x = x + self.resid_dropout(self.attn(self.norm1(x), rope, cache, layer))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """The language model. `forward(idx, targets)` trains; passing a KVCache makes it an inference step."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.block_style == "gpt2" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = _norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        if config.block_style == "llama":
+            cos, sin = rope_tables(config, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections shrink with depth so the residual stream stays O(1).
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_positions: bool = False) -> int:
+        """Parameter count (a tied head counted once), optionally without the position table."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - (self.wpe.weight.numel() if exclude_positions and self.wpe is not None else 0)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position (and the mean cross-entropy when `targets` are given).
+
+        With a cache, `idx` continues the cached sequence: positions start at `cache.length`.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ConfigError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100)
+        return logits, loss

@@ -1,0 +1,49 @@
+"""Keys and values of past positions, so generation computes each new token's attention once."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer key/value tensors preallocated to `max_len`, filled by a prefill and then one step at a time.
+
+    `length` counts the positions stored; the model advances it once all layers have written.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        shape = (n_layer, batch_size, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        c = model.config
+        param = next(model.parameters())
+        return cls(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len or c.block_size, param.dtype, param.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values after the cached ones; return all of them so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} asked for")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def reset(self) -> None:
+        self.length = 0

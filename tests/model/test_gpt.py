@@ -1,0 +1,125 @@
+"""The GPT: published parameter counts, KV-cache parity, reference attention, causality, RoPE, config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kiln.errors import ConfigError
+from kiln.model.gpt import GPT, Attention, GPTConfig, apply_rope, rope_tables
+from kiln.model.kv_cache import KVCache
+from kiln.model.presets import PRESETS, preset_config
+
+SMALL = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+STYLES = {
+    "gpt2": GPTConfig(**SMALL),
+    "llama": GPTConfig(**SMALL, block_style="llama", bias=False),
+    "llama-gqa": GPTConfig(**SMALL, block_style="llama", bias=False, n_kv_head=2, tie_weights=False),
+}
+
+
+def model_of(style: str) -> GPT:
+    torch.manual_seed(0)
+    return GPT(STYLES[style]).eval()
+
+
+def test_gpt2_124m_has_gpt2s_parameter_count():
+    model = GPT(preset_config("gpt2-124m"))
+    assert model.num_params() == 124_439_808
+    assert model.num_params(exclude_positions=True) == 123_653_376  # nanoGPT prints 123.65M
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_untied_head_adds_one_embedding_table():
+    tied, untied = GPT(GPTConfig(**SMALL)), GPT(GPTConfig(**SMALL, tie_weights=False))
+    assert untied.num_params() - tied.num_params() == 97 * 32
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_kv_cache_logits_equal_the_full_forward(style):
+    model = model_of(style)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache.for_model(model, batch_size=2)
+        pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:9], cache=cache)[0]]  # prefill, then a chunk
+        pieces += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 20)]  # then one token at a time
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 20
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_no_position_sees_the_future(style):
+    model = model_of(style)
+    idx = torch.randint(0, 97, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 97
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_attention_equals_the_textbook_formula_with_grouped_heads():
+    config = STYLES["llama-gqa"]
+    torch.manual_seed(1)
+    attn = Attention(config)
+    x = torch.randn(2, 7, config.n_embd)
+    cos, sin = rope_tables(config, 7)
+    q, k, v = attn.qkv(x).split([32, 16, 16], dim=-1)
+    q = apply_rope(q.view(2, 7, 4, 8).transpose(1, 2), cos, sin)
+    k = apply_rope(k.view(2, 7, 2, 8).transpose(1, 2), cos, sin).repeat_interleave(2, dim=1)
+    v = v.view(2, 7, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(attn(x, (cos, sin)), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    config = GPTConfig(**SMALL, block_style="llama")
+    cos, sin = rope_tables(config, 32)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        return apply_rope(q, cos[m], sin[m]) @ apply_rope(k, cos[n], sin[n])
+
+    torch.testing.assert_close(score(3, 1), score(20, 18))
+    torch.testing.assert_close(apply_rope(q, cos[5], sin[5]).norm(), q.norm())
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_an_untrained_model_predicts_about_uniformly(style):
+    model = model_of(style)
+    idx = torch.randint(0, 97, (4, 32))
+    _, loss = model(idx, targets=torch.randint(0, 97, (4, 32)))
+    assert abs(loss.item() - math.log(97)) < 0.1
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_sequence_longer_than_the_block_is_refused():
+    with pytest.raises(ConfigError, match="longer than block_size 32"):
+        model_of("gpt2")(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_config_mistakes_are_clear():
+    with pytest.raises(ConfigError, match=r"unknown model setting 'n_layers' \(did you mean n_layer\?\)"):
+        GPTConfig.from_dict({"n_layers": 4})
+    with pytest.raises(ConfigError, match="n_embd 30 is not a multiple of n_head 4"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ConfigError, match="needs block_style=llama"):
+        GPTConfig(n_kv_head=2)
+    with pytest.raises(ConfigError, match="block_style 'mamba'"):
+        GPTConfig(block_style="mamba")
+    with pytest.raises(ConfigError, match="did you mean tiny"):
+        preset_config("tiney")
+
+
+def test_presets_build():
+    assert {"tiny", "nanogpt-cpu", "gpt2-124m"} <= set(PRESETS)
+    tiny = preset_config("tiny", vocab_size=65)
+    assert (tiny.n_layer, tiny.n_head, tiny.n_embd, tiny.vocab_size) == (2, 2, 128, 65)
+    assert preset_config("nanogpt-cpu").block_size == 64
