@@ -1,0 +1,1 @@
+"""The generate stage: sampling settings, logits processing and token streaming with a KV cache."""

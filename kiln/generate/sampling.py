@@ -1,0 +1,92 @@
+"""Turn logits into the next token the way transformers' `generate` does, and stream tokens with a KV cache.
+
+Processing order and definitions follow transformers: repetition penalty, then temperature, top-k and
+top-p. Temperature 0 is greedy: deterministic, no randomness drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from kiln.errors import ConfigError
+from kiln.model.kv_cache import KVCache
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature {self.temperature} must be 0 (greedy) or more")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"--top-k {self.top_k} must be at least 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p {self.top_p} must be above 0 and at most 1")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"--repetition-penalty {self.repetition_penalty} must be above 0 (1 = off)")
+
+
+def process_logits(logits: torch.Tensor, history: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Scores for sampling from the last position's logits [B, V], given the tokens so far [B, T]."""
+    scores = logits.float()
+    if config.repetition_penalty != 1.0 and history.numel():
+        seen = scores.gather(1, history)
+        # A seen token's score shrinks towards zero from either side, so it becomes less likely.
+        seen = torch.where(seen < 0, seen * config.repetition_penalty, seen / config.repetition_penalty)
+        scores = scores.scatter(1, history, seen)
+    if config.temperature > 0:
+        scores = scores / config.temperature
+    if config.top_k is not None:
+        k = min(config.top_k, scores.size(-1))
+        kth = torch.topk(scores, k).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if config.top_p is not None and config.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - config.top_p)
+        drop_sorted[..., -1:] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return scores
+
+
+def next_token(scores: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, 1] ids: argmax when greedy, else a draw from softmax(scores)."""
+    if config.temperature == 0:
+        return scores.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, config: SamplingConfig, stop_ids: set[int] | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time for a single prompt [1, T]; stops at a stop id or max_new_tokens.
+
+    The prompt is prefilled into a KV cache and each step feeds one token. When the context is full,
+    the cache is rebuilt from the newest half of the window and generation goes on.
+    """
+    model.eval()
+    generator = torch.Generator(device=prompt.device).manual_seed(config.seed) if config.seed is not None else None
+    block = model.config.block_size
+    tokens = prompt[:, -block:]
+    cache = KVCache.for_model(model, batch_size=1)
+    logits, _ = model(tokens, cache=cache)
+    history = prompt
+    for _ in range(config.max_new_tokens):
+        token = next_token(process_logits(logits[:, -1], history, config), config, generator)
+        history = torch.cat([history, token], dim=1)
+        yield int(token)
+        if stop_ids and int(token) in stop_ids:
+            return
+        if cache.length == block:
+            cache.reset()
+            logits, _ = model(history[:, -(block // 2) :], cache=cache)
+        else:
+            logits, _ = model(token, cache=cache)

@@ -1,0 +1,102 @@
+"""Sampling follows transformers' logits processors exactly; greedy generation with the cache equals
+greedy decoding by full recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from kiln.errors import ConfigError
+from kiln.generate.sampling import SamplingConfig, generate, process_logits
+from kiln.model.gpt import GPT, GPTConfig
+
+SETTINGS = [
+    dict(temperature=0.7),
+    dict(top_k=5),
+    dict(top_p=0.9),
+    dict(repetition_penalty=1.3),
+    dict(temperature=0.8, top_k=20, top_p=0.85, repetition_penalty=1.2),
+    dict(temperature=1.5, top_k=1),
+    dict(top_p=0.01),
+]
+
+
+def transformers_processors(s: dict) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if s.get("repetition_penalty", 1.0) != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(s["repetition_penalty"]))
+    if s.get("temperature", 1.0) != 1.0:
+        processors.append(TemperatureLogitsWarper(s["temperature"]))
+    if s.get("top_k"):
+        processors.append(TopKLogitsWarper(s["top_k"]))
+    if s.get("top_p"):
+        processors.append(TopPLogitsWarper(s["top_p"]))
+    return processors
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=[str(s) for s in SETTINGS])
+def test_processed_logits_equal_transformers(settings):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    history = torch.randint(0, 50, (3, 12))
+    ours = process_logits(logits, history, SamplingConfig(**settings))
+    theirs = transformers_processors(settings)(history, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, block_style="llama")).eval()
+
+
+def greedy_by_recomputation(model, prompt: torch.Tensor, steps: int) -> list[int]:
+    ids = prompt
+    for _ in range(steps):
+        logits, _ = model(ids[:, -model.config.block_size :])
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, prompt.shape[1] :].tolist()
+
+
+def test_greedy_generation_with_the_cache_equals_full_recomputation(model):
+    prompt = torch.randint(0, 61, (1, 5))
+    config = SamplingConfig(max_new_tokens=10, temperature=0)
+    assert list(generate(model, prompt, config)) == greedy_by_recomputation(model, prompt, 10)
+
+
+def test_generation_goes_on_past_the_context_window(model):
+    prompt = torch.randint(0, 61, (1, 5))
+    tokens = list(generate(model, prompt, SamplingConfig(max_new_tokens=40, temperature=0)))
+    assert len(tokens) == 40
+    # up to a full window the cached run is exact
+    assert tokens[:11] == greedy_by_recomputation(model, prompt, 11)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stops_at_a_stop_id(model):
+    prompt = torch.randint(0, 61, (1, 4))
+    config = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=10, seed=42)
+    first, second = list(generate(model, prompt, config)), list(generate(model, prompt, config))
+    assert first == second
+    stopped = list(generate(model, prompt, config, stop_ids={first[3]}))
+    assert stopped == first[: first.index(first[3]) + 1]
+
+
+def test_top_k_1_is_greedy(model):
+    prompt = torch.randint(0, 61, (1, 4))
+    sampled = list(generate(model, prompt, SamplingConfig(max_new_tokens=8, top_k=1, seed=3)))
+    assert sampled == list(generate(model, prompt, SamplingConfig(max_new_tokens=8, temperature=0)))
+
+
+def test_bad_sampling_settings():
+    with pytest.raises(ConfigError, match="--top-p 1.5"):
+        SamplingConfig(top_p=1.5)
+    with pytest.raises(ConfigError, match="--temperature -1"):
+        SamplingConfig(temperature=-1)
