@@ -1,0 +1,1 @@
+"""The train stage: checkpoints now; the trainer loop, optimizers and schedules build on them."""
