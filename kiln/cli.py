@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="replace --out even if it holds something else")
     _add_read_options(prep)
 
+    commands.add_parser("presets", parents=common, help="list the named model shapes")
+
     demo = commands.add_parser("demo", parents=common, help="the main job: get the default corpus and prepare it")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
     return parser
@@ -164,6 +166,41 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"{prepared.summary()} in {time.perf_counter() - start:.1f}s -> {prepared.folder}")
 
 
+def cmd_presets(args: argparse.Namespace) -> None:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from kiln.model.gpt import GPT
+    from kiln.model.presets import PRESETS, preset_config
+
+    table = Table(
+        "name",
+        "layers",
+        "heads",
+        "width",
+        "context",
+        "parameters (GPT-2 vocab)",
+        "what it is",
+        box=None,
+        pad_edge=False,
+    )
+    for name, (description, _) in PRESETS.items():
+        config = preset_config(name)
+        with torch.device("meta"):  # count parameters without allocating them
+            params = GPT(config).num_params()
+        table.add_row(
+            name,
+            str(config.n_layer),
+            str(config.n_head),
+            str(config.n_embd),
+            str(config.block_size),
+            f"{params / 1e6:.2f}M",
+            description,
+        )
+    Console(width=max(Console().width, 140)).print(table)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from kiln.demo import run_demo
 
@@ -175,6 +212,7 @@ COMMANDS = {
     ("data", "get"): cmd_data_get,
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("prepare", None): cmd_prepare,
+    ("presets", None): cmd_presets,
     ("demo", None): cmd_demo,
 }
 

@@ -29,7 +29,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 def test_help_lists_every_command_and_version_prints():
     result = subprocess.run([sys.executable, "-m", "kiln", "--help"], capture_output=True, text=True, check=True)
-    for command in ("data", "tokenizer", "prepare", "demo"):
+    for command in ("data", "tokenizer", "prepare", "presets", "demo"):
         assert f"    {command} " in result.stdout
     version = subprocess.run([sys.executable, "-m", "kiln", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == f"kiln {kiln.__version__}"
@@ -229,3 +229,11 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(DataError):
         main(["prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), "--debug"])
+
+
+def test_presets_lists_the_shapes_with_their_sizes(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert {"tiny", "nanogpt-cpu", "gpt2-124m"} <= set(rows)
+    assert "124.44M" in rows["gpt2-124m"]
