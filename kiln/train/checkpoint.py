@@ -31,7 +31,7 @@ STATE_JSON = "training_state.json"
 class TrainingState:
     """Everything besides the weights that resuming needs: optimizer, RNG, data position, counters."""
 
-    optimizer: dict | None = None  # an optimizer's state_dict()
+    optimizers: list[dict] = field(default_factory=list)  # each optimizer's state_dict()
     progress: dict = field(default_factory=dict)  # step, tokens seen, best val loss, loader state, ...
     rng: torch.Tensor | None = None  # torch.get_rng_state()
 
@@ -66,12 +66,16 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
         if state is not None:
-            tensors, optimizer_meta = _split_optimizer(state.optimizer)
+            tensors, optimizer_meta = {}, []
+            for number, state_dict in enumerate(state.optimizers):
+                part_tensors, part_meta = _split_optimizer(state_dict, f"optimizer{number}")
+                tensors.update(part_tensors)
+                optimizer_meta.append(part_meta)
             if state.rng is not None:
                 tensors["rng.torch"] = state.rng
             save_file(tensors, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(
-                json.dumps({"optimizer": optimizer_meta, "progress": state.progress}, indent=2) + "\n"
+                json.dumps({"optimizers": optimizer_meta, "progress": state.progress}, indent=2) + "\n"
             )
     return folder
 
@@ -104,23 +108,20 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu
     if (folder / STATE_JSON).is_file():
         meta = json.loads((folder / STATE_JSON).read_text())
         tensors = load_file(str(folder / STATE_TENSORS), device=str(device))
-        state = TrainingState(
-            optimizer=_join_optimizer(tensors, meta["optimizer"]),
-            progress=meta["progress"],
-            rng=tensors.get("rng.torch"),
-        )
+        optimizers = [
+            _join_optimizer(tensors, part, f"optimizer{number}") for number, part in enumerate(meta["optimizers"])
+        ]
+        state = TrainingState(optimizers=optimizers, progress=meta["progress"], rng=tensors.get("rng.torch"))
     return Checkpoint(model.to(device), tokenizer, info, state)
 
 
-def _split_optimizer(state_dict: dict | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _split_optimizer(state_dict: dict, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer state_dict as flat tensors (for safetensors) plus the JSON-able remainder."""
-    if state_dict is None:
-        return {}, None
     tensors, scalars = {}, {}
     for index, values in state_dict["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value.contiguous()
+                tensors[f"{prefix}.{index}.{name}"] = value.contiguous()
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {
@@ -130,12 +131,10 @@ def _split_optimizer(state_dict: dict | None) -> tuple[dict[str, torch.Tensor], 
     }
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict | None) -> dict | None:
-    if meta is None:
-        return None
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> dict:
     state: dict[int, dict] = {i: dict(meta["scalars"].get(str(i), {})) for i in meta["indices"]}
     for key, value in tensors.items():
-        if key.startswith("optimizer."):
+        if key.startswith(prefix + "."):
             _, index, name = key.split(".", 2)
             state[int(index)][name] = value
     return {"state": state, "param_groups": meta["param_groups"]}

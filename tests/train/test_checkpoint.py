@@ -44,13 +44,13 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
     model = GPT(GPTConfig(**CONFIG))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
     train_steps(model, optimizer, 3, seed=1)
-    state = TrainingState(optimizer=optimizer.state_dict(), progress={"step": 3}, rng=torch.get_rng_state())
+    state = TrainingState(optimizers=[optimizer.state_dict()], progress={"step": 3}, rng=torch.get_rng_state())
     save_checkpoint(tmp_path / "ckpt", model, state=state)
     train_steps(model, optimizer, 2, seed=2)
 
     resumed = load_checkpoint(tmp_path / "ckpt")
     resumed_optimizer = torch.optim.AdamW(resumed.model.parameters(), lr=1e-2, betas=(0.9, 0.99))
-    resumed_optimizer.load_state_dict(resumed.state.optimizer)
+    resumed_optimizer.load_state_dict(resumed.state.optimizers[0])
     assert resumed.state.progress == {"step": 3}
     train_steps(resumed.model, resumed_optimizer, 2, seed=2)
     for a, b in zip(model.parameters(), resumed.model.parameters(), strict=True):
