@@ -1,0 +1,276 @@
+"""The pretraining loop: batches in, checkpoints and metrics out, stopping at whichever limit binds first.
+
+A run folder holds `last/` and `best/` checkpoints (with everything resuming needs), `metrics.jsonl`
+and, at the end, `loss.png`. Resuming from `last/` continues so exactly that, on CPU, the losses after a
+resume equal an uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kiln.data.loaders import RandomWindows
+from kiln.data.prepared import PreparedCorpus
+from kiln.errors import ConfigError, KilnError
+from kiln.model.gpt import GPT, GPTConfig
+from kiln.train.checkpoint import TrainingState, is_checkpoint, load_checkpoint, save_checkpoint
+from kiln.train.optim import OptimConfig, build_optimizers, lr_factor, set_learning_rates
+
+METRICS_FILE = "metrics.jsonl"
+CALIBRATION_STEPS = 10  # steps timed before a --max-time run fixes its schedule length
+
+
+class TrainingDiverged(KilnError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int | None = None
+    max_tokens: int | None = None
+    max_time: float | None = None  # seconds
+    eval_interval: int = 200
+    eval_batches: int = 20
+    seed: int = 1337
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    best_val_loss: float
+    last_val_loss: float
+    run_dir: Path
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _fixed_batches(tokens, config: GPTConfig, train: TrainConfig, seed: int, label: str) -> list:
+    loader = RandomWindows(tokens, config.block_size, train.batch_size, seed=seed, label=label)
+    return [next(loader) for _ in range(train.eval_batches)]
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, batches: list, device: torch.device) -> float:
+    model.eval()
+    losses = [model(x.to(device), targets=y.to(device))[1].item() for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(
+    model_config: GPTConfig,
+    optim_config: OptimConfig,
+    train_config: TrainConfig,
+    data: PreparedCorpus,
+    run_dir: str | Path,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a GPT on prepared data into `run_dir`; `on_step(step, loss)` is called after every step."""
+    run_dir = Path(run_dir)
+    if not (train_config.max_iters or train_config.max_tokens or train_config.max_time):
+        raise ConfigError("give a limit: --max-iters, --max-tokens or --max-time")
+    device = pick_device(train_config.device)
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config).to(device)
+    optimizers = build_optimizers(model, optim_config)
+    loader = RandomWindows(
+        data.tokens("train"),
+        model_config.block_size,
+        train_config.batch_size,
+        seed=train_config.seed,
+        label=f"{data.folder} train",
+    )
+    train_eval = _fixed_batches(data.tokens("train"), model_config, train_config, train_config.seed + 1, "train")
+    val_eval = _fixed_batches(
+        data.tokens("val"), model_config, train_config, train_config.seed + 2, f"{data.folder} val"
+    )
+    tokens_per_step = train_config.batch_size * train_config.grad_accum * model_config.block_size
+    limits = [train_config.max_iters] if train_config.max_iters else []
+    if train_config.max_tokens:
+        limits.append(math.ceil(train_config.max_tokens / tokens_per_step))
+    total_steps = min(limits) if limits else None
+
+    step, best_val, last_val, elapsed_before = 0, math.inf, math.inf, 0.0
+    if resume:
+        step, best_val, last_val, elapsed_before, total_steps = _resume(
+            run_dir, model, optimizers, loader, model_config, data, total_steps
+        )
+    elif (run_dir / "last").exists():
+        raise ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _truncate_metrics(run_dir / METRICS_FILE, step)
+
+    start = time.perf_counter() - elapsed_before
+    evaluated_at = step
+    model.train()
+    while total_steps is None or step < total_steps:
+        elapsed = time.perf_counter() - start
+        if train_config.max_time and elapsed >= train_config.max_time:
+            break
+        set_learning_rates(optimizers, lr_factor(step, total_steps or 10**9, optim_config))
+        loss_sum = 0.0
+        for _ in range(train_config.grad_accum):
+            x, y = next(loader)
+            _, loss = model(x.to(device), targets=y.to(device))
+            (loss / train_config.grad_accum).backward()
+            loss_sum += loss.item() / train_config.grad_accum
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(
+                f"loss became {loss_sum} at step {step + 1}; {run_dir / 'last'} holds the last good checkpoint. "
+                f"Try a lower learning rate, e.g. --set lr={optim_config.lr / 3:.1e}"
+            )
+        if optim_config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_config.grad_clip)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if train_config.max_time and step == CALIBRATION_STEPS and not resume:
+            per_step = (time.perf_counter() - start) / step
+            by_time = step + int((train_config.max_time - (time.perf_counter() - start)) / per_step)
+            total_steps = min(total_steps, by_time) if total_steps else by_time
+        if on_step:
+            on_step(step, loss_sum)
+        done = total_steps is not None and step >= total_steps
+        if step % train_config.eval_interval == 0 or done:
+            last_val = _evaluate_and_save(
+                model,
+                optimizers,
+                loader,
+                train_eval,
+                val_eval,
+                device,
+                data,
+                run_dir,
+                step,
+                tokens_per_step,
+                start,
+                total_steps,
+                best_val,
+                optim_config,
+            )
+            best_val, evaluated_at = min(best_val, last_val), step
+    if evaluated_at != step:  # stopped by the clock between evaluations
+        last_val = _evaluate_and_save(
+            model,
+            optimizers,
+            loader,
+            train_eval,
+            val_eval,
+            device,
+            data,
+            run_dir,
+            step,
+            tokens_per_step,
+            start,
+            total_steps,
+            best_val,
+            optim_config,
+        )
+        best_val = min(best_val, last_val)
+    return TrainResult(step, step * tokens_per_step, time.perf_counter() - start, best_val, last_val, run_dir)
+
+
+def _evaluate_and_save(
+    model,
+    optimizers,
+    loader,
+    train_eval,
+    val_eval,
+    device,
+    data,
+    run_dir,
+    step,
+    tokens_per_step,
+    start,
+    total_steps,
+    best_val,
+    optim_config,
+) -> float:
+    train_loss = estimate_loss(model, train_eval, device)
+    val_loss = estimate_loss(model, val_eval, device)
+    elapsed = time.perf_counter() - start
+    record = {
+        "step": step,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "lr": optimizers[-1].param_groups[0]["lr"],
+        "tokens": step * tokens_per_step,
+        "tokens_per_s": step * tokens_per_step / elapsed,
+        "elapsed_s": elapsed,
+    }
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    state = TrainingState(
+        optimizers=[o.state_dict() for o in optimizers],
+        progress={
+            "step": step,
+            "loader": loader.state_dict(),
+            "best_val_loss": min(best_val, val_loss),
+            "last_val_loss": val_loss,
+            "elapsed_s": elapsed,
+            "total_steps": total_steps,
+        },
+        rng=torch.get_rng_state(),
+    )
+    info = {"optim": asdict(optim_config), "data": str(data.folder)}
+    save_checkpoint(run_dir / "last", model, data.tokenizer, state, info)
+    if val_loss < best_val:
+        save_checkpoint(run_dir / "best", model, data.tokenizer, state, info)
+    return val_loss
+
+
+def _resume(run_dir, model, optimizers, loader, model_config, data, total_steps):
+    last = run_dir / "last"
+    if not is_checkpoint(last):
+        raise ConfigError(f"{last}: not a Kiln checkpoint, nothing to resume; drop --resume to start a new run")
+    checkpoint = load_checkpoint(last)
+    if checkpoint.model.config != model_config:
+        saved, asked = checkpoint.model.config.to_dict(), model_config.to_dict()
+        differs = ", ".join(f"{k} {saved[k]} vs {asked[k]}" for k in saved if saved[k] != asked[k])
+        raise ConfigError(f"{last}: the checkpoint's model config disagrees ({differs}); resume with the same settings")
+    if checkpoint.tokenizer is None or checkpoint.tokenizer.fingerprint() != data.tokenizer.fingerprint():
+        raise ConfigError(f"{last}: was trained with another tokenizer than {data.folder} uses")
+    model.load_state_dict(checkpoint.model.state_dict())
+    for optimizer, state_dict in zip(optimizers, checkpoint.state.optimizers, strict=True):
+        optimizer.load_state_dict(state_dict)
+    progress = checkpoint.state.progress
+    loader.load_state_dict(progress["loader"])
+    torch.set_rng_state(checkpoint.state.rng)
+    saved_total = progress.get("total_steps")
+    return (
+        progress["step"],
+        progress["best_val_loss"],
+        progress["last_val_loss"],
+        progress["elapsed_s"],
+        saved_total if saved_total is not None else total_steps,
+    )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint a run resumes from, so the log reads as one run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

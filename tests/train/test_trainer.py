@@ -1,0 +1,104 @@
+"""The training loop on real data: it learns, it stops at each limit, it resumes bit for bit, it fails clearly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from kiln.data.corpus import open_corpus
+from kiln.data.prepare import prepare_corpus
+from kiln.errors import ConfigError
+from kiln.model.gpt import GPT, GPTConfig
+from kiln.train.checkpoint import load_checkpoint
+from kiln.train.optim import OptimConfig
+from kiln.train.trainer import METRICS_FILE, TrainConfig, TrainingDiverged, train
+
+
+@pytest.fixture(scope="module")
+def verdict_char(mirror, tmp_path_factory):
+    return prepare_corpus(open_corpus("the-verdict", mirror), "char", tmp_path_factory.mktemp("data") / "v")
+
+
+def configs(data, **train_settings):
+    model = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_iters=5)
+    settings = dict(batch_size=8, eval_interval=4, eval_batches=4, max_iters=12) | train_settings
+    return model, optim, TrainConfig(**settings)
+
+
+def metrics(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "train_loss", "val_loss", "lr", "tokens")} for r in rows]
+
+
+def test_a_short_run_learns_and_writes_its_folder(verdict_char, tmp_path):
+    result = train(*configs(verdict_char, max_iters=40, eval_interval=20), verdict_char, tmp_path / "run")
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [20, 40]
+    uniform = math.log(verdict_char.tokenizer.vocab_size)  # an untrained model's loss, 4.11 here
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] < uniform
+    assert rows[-1]["val_loss"] < uniform - 0.5
+    assert result.steps == 40 and result.tokens == 40 * 8 * 32
+    assert load_checkpoint(tmp_path / "run" / "last").state.progress["step"] == 40
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_resume_continues_bit_for_bit(verdict_char, tmp_path):
+    train(*configs(verdict_char), verdict_char, tmp_path / "straight")
+
+    def interrupt_after_6(step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*configs(verdict_char), verdict_char, tmp_path / "resumed", on_step=interrupt_after_6)
+    assert [r["step"] for r in metrics(tmp_path / "resumed")] == [4]
+    train(*configs(verdict_char), verdict_char, tmp_path / "resumed", resume=True)
+    assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
+    straight, resumed = load_checkpoint(tmp_path / "straight" / "last"), load_checkpoint(tmp_path / "resumed" / "last")
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_each_limit_stops_the_run(verdict_char, tmp_path):
+    by_tokens = train(*configs(verdict_char, max_iters=None, max_tokens=5 * 8 * 32), verdict_char, tmp_path / "t")
+    assert by_tokens.steps == 5
+    by_time = train(
+        *configs(verdict_char, max_iters=None, max_time=1.5, eval_interval=10_000), verdict_char, tmp_path / "s"
+    )
+    assert by_time.steps > 0 and by_time.seconds < 5
+    assert metrics(tmp_path / "s")[-1]["step"] == by_time.steps
+
+
+def test_divergence_stops_with_the_step_and_a_lower_lr(verdict_char, tmp_path, monkeypatch):
+    original = GPT.forward
+
+    def nan_from_step_3(self, idx, targets=None, cache=None):
+        logits, loss = original(self, idx, targets, cache)
+        calls["n"] += self.training
+        return logits, loss * math.nan if self.training and calls["n"] >= 3 else loss
+
+    calls = {"n": 0}
+    monkeypatch.setattr(GPT, "forward", nan_from_step_3)
+    with pytest.raises(
+        TrainingDiverged, match=r"loss became nan at step 3; .*last holds the last good .*--set lr=1.0e-03"
+    ):
+        train(*configs(verdict_char), verdict_char, tmp_path / "x")
+
+
+def test_run_mistakes_are_clear(verdict_char, tmp_path):
+    model, optim, run = configs(verdict_char)
+    with pytest.raises(ConfigError, match="give a limit"):
+        train(model, optim, TrainConfig(), verdict_char, tmp_path / "a")
+    train(model, optim, run, verdict_char, tmp_path / "b")
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(model, optim, run, verdict_char, tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"model config disagrees \(n_layer 2 vs 3\)"):
+        train(GPTConfig(**(model.to_dict() | {"n_layer": 3})), optim, run, verdict_char, tmp_path / "b", resume=True)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(model, optim, run, verdict_char, tmp_path / "c", resume=True)
+    with pytest.raises(Exception, match="shorter than one window"):
+        train(GPTConfig(**(model.to_dict() | {"block_size": 4096})), optim, run, verdict_char, tmp_path / "d")
