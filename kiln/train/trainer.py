@@ -123,6 +123,25 @@ def train(
 
     start = time.perf_counter() - elapsed_before
     evaluated_at = step
+
+    def evaluate_and_save() -> float:  # reads the loop's current step, schedule length and best loss
+        return _evaluate_and_save(
+            model,
+            optimizers,
+            loader,
+            train_eval,
+            val_eval,
+            device,
+            data,
+            run_dir,
+            step,
+            tokens_per_step,
+            start,
+            total_steps,
+            best_val,
+            optim_config,
+        )
+
     model.train()
     while total_steps is None or step < total_steps:
         elapsed = time.perf_counter() - start
@@ -154,40 +173,10 @@ def train(
             on_step(step, loss_sum)
         done = total_steps is not None and step >= total_steps
         if step % train_config.eval_interval == 0 or done:
-            last_val = _evaluate_and_save(
-                model,
-                optimizers,
-                loader,
-                train_eval,
-                val_eval,
-                device,
-                data,
-                run_dir,
-                step,
-                tokens_per_step,
-                start,
-                total_steps,
-                best_val,
-                optim_config,
-            )
+            last_val = evaluate_and_save()
             best_val, evaluated_at = min(best_val, last_val), step
     if evaluated_at != step:  # stopped by the clock between evaluations
-        last_val = _evaluate_and_save(
-            model,
-            optimizers,
-            loader,
-            train_eval,
-            val_eval,
-            device,
-            data,
-            run_dir,
-            step,
-            tokens_per_step,
-            start,
-            total_steps,
-            best_val,
-            optim_config,
-        )
+        last_val = evaluate_and_save()
         best_val = min(best_val, last_val)
     return TrainResult(step, step * tokens_per_step, time.perf_counter() - start, best_val, last_val, run_dir)
 
