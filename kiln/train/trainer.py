@@ -125,22 +125,37 @@ def train(
     evaluated_at = step
 
     def evaluate_and_save() -> float:  # reads the loop's current step, schedule length and best loss
-        return _evaluate_and_save(
-            model,
-            optimizers,
-            loader,
-            train_eval,
-            val_eval,
-            device,
-            data,
-            run_dir,
-            step,
-            tokens_per_step,
-            start,
-            total_steps,
-            best_val,
-            optim_config,
+        train_loss = estimate_loss(model, train_eval, device)
+        val_loss = estimate_loss(model, val_eval, device)
+        elapsed = time.perf_counter() - start
+        record = {
+            "step": step,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": optimizers[-1].param_groups[0]["lr"],
+            "tokens": step * tokens_per_step,
+            "tokens_per_s": step * tokens_per_step / elapsed,
+            "elapsed_s": elapsed,
+        }
+        with open(run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        state = TrainingState(
+            optimizers=[o.state_dict() for o in optimizers],
+            progress={
+                "step": step,
+                "loader": loader.state_dict(),
+                "best_val_loss": min(best_val, val_loss),
+                "last_val_loss": val_loss,
+                "elapsed_s": elapsed,
+                "total_steps": total_steps,
+            },
+            rng=torch.get_rng_state(),
         )
+        info = {"optim": asdict(optim_config), "data": str(data.folder)}
+        save_checkpoint(run_dir / "last", model, data.tokenizer, state, info)
+        if val_loss < best_val:
+            save_checkpoint(run_dir / "best", model, data.tokenizer, state, info)
+        return val_loss
 
     model.train()
     while total_steps is None or step < total_steps:
@@ -179,55 +194,6 @@ def train(
         last_val = evaluate_and_save()
         best_val = min(best_val, last_val)
     return TrainResult(step, step * tokens_per_step, time.perf_counter() - start, best_val, last_val, run_dir)
-
-
-def _evaluate_and_save(
-    model,
-    optimizers,
-    loader,
-    train_eval,
-    val_eval,
-    device,
-    data,
-    run_dir,
-    step,
-    tokens_per_step,
-    start,
-    total_steps,
-    best_val,
-    optim_config,
-) -> float:
-    train_loss = estimate_loss(model, train_eval, device)
-    val_loss = estimate_loss(model, val_eval, device)
-    elapsed = time.perf_counter() - start
-    record = {
-        "step": step,
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-        "lr": optimizers[-1].param_groups[0]["lr"],
-        "tokens": step * tokens_per_step,
-        "tokens_per_s": step * tokens_per_step / elapsed,
-        "elapsed_s": elapsed,
-    }
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    state = TrainingState(
-        optimizers=[o.state_dict() for o in optimizers],
-        progress={
-            "step": step,
-            "loader": loader.state_dict(),
-            "best_val_loss": min(best_val, val_loss),
-            "last_val_loss": val_loss,
-            "elapsed_s": elapsed,
-            "total_steps": total_steps,
-        },
-        rng=torch.get_rng_state(),
-    )
-    info = {"optim": asdict(optim_config), "data": str(data.folder)}
-    save_checkpoint(run_dir / "last", model, data.tokenizer, state, info)
-    if val_loss < best_val:
-        save_checkpoint(run_dir / "best", model, data.tokenizer, state, info)
-    return val_loss
 
 
 def _resume(run_dir, model, optimizers, loader, model_config, data, total_steps):
