@@ -86,6 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", parents=common, help="list the named model shapes")
 
+    tr = commands.add_parser("train", parents=common, help="pretrain a GPT on text (prepared on the fly)")
+    tr.add_argument("--data", required=True, help="a data-set name, a text file or folder, or a prepared folder")
+    tr.add_argument("--tokenizer", help="char, gpt2 (default) or bpe:DIR; for raw text")
+    tr.add_argument("--preset", default="tiny", help="model shape (`kiln presets`); default tiny")
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any model, optimizer or training setting, e.g. --set n_layer=6 --set lr=3e-4",
+    )
+    tr.add_argument("--config", help="a TOML or JSON file of settings (--set wins over it)")
+    tr.add_argument("--out", required=True, help="run folder: last/, best/, metrics.jsonl, loss.png")
+    tr.add_argument("--max-iters", type=int, help="stop after this many optimizer steps")
+    tr.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
+    tr.add_argument("--max-time", help="stop after this long, e.g. 90s, 3m, 1h")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ checkpoint")
+
+    sa = commands.add_parser("sample", parents=common, help="generate text from a checkpoint, streamed")
+    sa.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN_DIR/best")
+    sa.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
+    sa.add_argument("--max-new-tokens", type=int, default=200)
+    sa.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    sa.add_argument("--top-k", type=int, default=200)
+    sa.add_argument("--top-p", type=float)
+    sa.add_argument("--repetition-penalty", type=float, default=1.0)
+    sa.add_argument("--seed", type=int)
+    sa.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    sa.add_argument("--num-samples", type=int, default=1)
+
     demo = commands.add_parser("demo", parents=common, help="the main job: get the default corpus and prepare it")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
     return parser
@@ -201,6 +231,88 @@ def cmd_presets(args: argparse.Namespace) -> None:
     Console(width=max(Console().width, 140)).print(table)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from kiln.config import parse_overrides, read_config_file
+    from kiln.generate.sampling import SamplingConfig, stream_text
+    from kiln.model.gpt import GPT
+    from kiln.progress import progress_bar
+    from kiln.train.run import build_settings, parse_duration, plot_losses, training_data
+    from kiln.train.trainer import train
+
+    data = training_data(args.data, args.tokenizer, args.data_dir)
+    settings = {**(read_config_file(args.config) if args.config else {}), **parse_overrides(args.set)}
+    limits = {
+        "max_iters": args.max_iters,
+        "max_tokens": args.max_tokens,
+        "max_time": parse_duration(args.max_time) if args.max_time else None,
+    }
+    run = build_settings(args.preset, data.tokenizer.vocab_size, settings, {k: v for k, v in limits.items() if v})
+    with torch.device("meta"):
+        params = GPT(run.model).num_params()
+    tokens_per_step = run.train.batch_size * run.train.grad_accum * run.model.block_size
+    print(f"data: {data.summary()}")
+    print(
+        f"model: {args.preset} ({run.model.block_style}, {run.model.n_layer} layers, {run.model.n_head} heads, "
+        f"{run.model.n_embd} wide, context {run.model.block_size}): {params / 1e6:.2f}M parameters; "
+        f"{tokens_per_step:,} tokens per step"
+    )
+    steps_limit = run.train.max_iters or (run.train.max_tokens and -(-run.train.max_tokens // tokens_per_step))
+    with progress_bar("training", total=steps_limit, unit="steps") as advance:
+        result = train(
+            run.model,
+            run.optim,
+            run.train,
+            data,
+            args.out,
+            resume=args.resume,
+            on_step=lambda step, loss: advance(1, f"training, loss {loss:.3f}"),
+        )
+    plot = plot_losses(Path(args.out))
+    print(
+        f"done: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
+        f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s); best val loss {result.best_val_loss:.4f}"
+    )
+    print(f"checkpoints: {args.out}/last, {args.out}/best" + (f"; loss curve: {plot}" if plot else ""))
+    from kiln.train.checkpoint import load_checkpoint
+
+    best = load_checkpoint(Path(args.out) / "best")
+    print("sample:")
+    for piece in stream_text(
+        best.model,
+        best.tokenizer,
+        "",
+        SamplingConfig(max_new_tokens=200, temperature=0.8, top_k=200, seed=run.train.seed),
+    ):
+        print(piece, end="", flush=True)
+    print(f'\n\nsample more with: kiln sample {args.out}/best --prompt "..."')
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from kiln.generate.sampling import SamplingConfig, stream_text
+    from kiln.train.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint.tokenizer is None:
+        raise KilnError(f"{args.checkpoint}: has no tokenizer/ folder, so its output cannot be turned into text")
+    for number in range(args.num_samples):
+        config = SamplingConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=None if args.seed is None else args.seed + number,
+        )
+        if args.num_samples > 1:
+            print(f"--- sample {number + 1}")
+        print(args.prompt, end="", flush=True)
+        for piece in stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, args.stop):
+            print(piece, end="", flush=True)
+        print()
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from kiln.demo import run_demo
 
@@ -213,6 +325,8 @@ COMMANDS = {
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("prepare", None): cmd_prepare,
     ("presets", None): cmd_presets,
+    ("train", None): cmd_train,
+    ("sample", None): cmd_sample,
     ("demo", None): cmd_demo,
 }
 

@@ -44,14 +44,19 @@ def _short(n: float) -> str:
 
 
 @contextmanager
-def progress_bar(label: str, total: float | None, unit: str = "") -> Iterator[Callable[[float], None]]:
-    """Yield `advance(n)`; draws a transient bar with rate and ETA on stderr when it is a terminal."""
+def progress_bar(label: str, total: float | None, unit: str = "") -> Iterator[Callable[..., None]]:
+    """Yield `advance(n, label=None)`; draws a transient bar with rate and ETA on stderr when it is a
+    terminal. A new `label` replaces the description (e.g. to show the current loss)."""
     if os.environ.get(QUIET_ENV) or not sys.stderr.isatty():
-        yield lambda n: None
+        yield lambda n, label=None: None
         return
     columns: list = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
     columns += [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [_CountAndRate(unit)]
     columns.append(TimeRemainingColumn())
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(n: float, label: str | None = None) -> None:
+            bar.update(task, advance=n, **({"description": label} if label else {}))
+
+        yield advance

@@ -29,7 +29,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 def test_help_lists_every_command_and_version_prints():
     result = subprocess.run([sys.executable, "-m", "kiln", "--help"], capture_output=True, text=True, check=True)
-    for command in ("data", "tokenizer", "prepare", "presets", "demo"):
+    for command in ("data", "tokenizer", "prepare", "presets", "train", "sample", "demo"):
         assert f"    {command} " in result.stdout
     version = subprocess.run([sys.executable, "-m", "kiln", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == f"kiln {kiln.__version__}"
@@ -237,3 +237,66 @@ def test_presets_lists_the_shapes_with_their_sizes(capsys):
     rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     assert {"tiny", "nanogpt-cpu", "gpt2-124m"} <= set(rows)
     assert "124.44M" in rows["gpt2-124m"]
+
+
+def test_train_then_resume_then_sample(capsys, tmp_path, mirror):
+    run_dir = str(tmp_path / "run")
+    argv = [
+        "train",
+        "--data",
+        "the-verdict",
+        "--tokenizer",
+        "char",
+        "--preset",
+        "tiny",
+        "--set",
+        "n_layer=1",
+        "--set",
+        "block_size=32",
+        "--set",
+        "eval_interval=10",
+        "--set",
+        "eval_batches=2",
+        "--out",
+        run_dir,
+    ]
+    code, out, err = run(capsys, *argv, "--max-iters", "10")
+    assert code == 0, err
+    from kiln.model.gpt import GPT, GPTConfig
+
+    params = GPT(GPTConfig(vocab_size=62, block_size=32, n_layer=1, n_head=2, n_embd=128)).num_params()
+    assert f"{params / 1e6:.2f}M parameters" in out and "best val loss" in out and "sample:" in out
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
+    code, _, err = run(capsys, *argv, "--max-iters", "10")
+    assert_one_line_error(code, err, "already holds a run; pass --resume")
+    code, out, _ = run(capsys, *argv, "--max-iters", "20", "--resume")
+    assert code == 0 and "20 steps" in out
+    code, out, _ = run(
+        capsys, "sample", f"{run_dir}/best", "--prompt", "I had", "--max-new-tokens", "30", "--seed", "1"
+    )
+    assert code == 0 and out.startswith("I had") and len(out) > len("I had") + 10
+
+
+TRAIN_MISTAKES = {
+    "unknown preset": (["--preset", "huge"], ["unknown preset 'huge'"]),
+    "unknown setting": (["--set", "n_layers=2"], ["unknown setting 'n_layers' (did you mean n_layer?)"]),
+    "wrong type": (["--set", "n_layer=two"], ["--set n_layer=two: expected int"]),
+    "bad duration": (["--max-time", "soon"], ["--max-time soon: write a duration"]),
+    "no limit": ([], ["give a limit"]),
+    "block too large": (["--set", "block_size=100000", "--max-iters", "1"], ["shorter than one window"]),
+    "resume nothing": (["--resume", "--max-iters", "1"], ["nothing to resume"]),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_MISTAKES, ids=list(TRAIN_MISTAKES))
+def test_train_mistakes_are_one_line(case, capsys, tmp_path, mirror):
+    extra, fragments = TRAIN_MISTAKES[case]
+    code, _, err = run(
+        capsys, "train", "--data", "the-verdict", "--tokenizer", "char", "--out", str(tmp_path / "r"), *extra
+    )
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_sample_from_a_folder_that_is_not_a_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "sample", str(tmp_path))
+    assert_one_line_error(code, err, "not a Kiln checkpoint")

@@ -90,3 +90,37 @@ def generate(model, prompt: torch.Tensor, config: SamplingConfig, stop_ids: set[
             logits, _ = model(history[:, -(block // 2) :], cache=cache)
         else:
             logits, _ = model(token, cache=cache)
+
+
+def stream_text(model, tokenizer, prompt: str, config: SamplingConfig, stop: list[str] | None = None) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text, piece by piece, ending at EOS or a stop string.
+
+    Text is released only once it decodes cleanly, so a character split across byte-level tokens is
+    never printed half-made; a stop string is cut off and not shown.
+    """
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+    device = next(model.parameters()).device
+    stop = [s for s in stop or [] if s]
+    new_ids: list[int] = []
+    shown = ""
+    stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
+    for token in generate(model, torch.tensor([ids], device=device), config, stop_ids=stop_ids):
+        if token == tokenizer.eos_id:
+            break
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids)
+        if text.endswith("\ufffd"):
+            continue  # wait for the rest of the character's bytes
+        hit = min((text.find(s) for s in stop if s in text), default=-1)
+        if hit >= 0:
+            yield text[len(shown) : hit]
+            return
+        # hold back a tail that might be the start of a stop string
+        hold = max((len(s) - 1 for s in stop), default=0)
+        ready = len(text) - hold if hold else len(text)
+        if ready > len(shown):
+            yield text[len(shown) : ready]
+            shown = text[:ready]
+    final = tokenizer.decode(new_ids)
+    if len(final) > len(shown):
+        yield final[len(shown) :]

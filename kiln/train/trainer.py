@@ -122,7 +122,10 @@ def train(
     _truncate_metrics(run_dir / METRICS_FILE, step)
 
     start = time.perf_counter() - elapsed_before
-    evaluated_at = step
+    evaluated_at = first_step = step
+    session_start = time.perf_counter()
+    # With a time limit and no schedule length yet (a new run, or one stopped before it calibrated).
+    calibrate = bool(train_config.max_time) and (not resume or total_steps is None)
 
     def evaluate_and_save() -> float:  # reads the loop's current step, schedule length and best loss
         train_loss = estimate_loss(model, train_eval, device)
@@ -180,8 +183,9 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        if train_config.max_time and step == CALIBRATION_STEPS and not resume:
-            per_step = (time.perf_counter() - start) / step
+        if calibrate and step == first_step + CALIBRATION_STEPS:
+            # Fix the schedule's length from the measured pace, so the decay ends as time runs out.
+            per_step = (time.perf_counter() - session_start) / CALIBRATION_STEPS
             by_time = step + int((train_config.max_time - (time.perf_counter() - start)) / per_step)
             total_steps = min(total_steps, by_time) if total_steps else by_time
         if on_step:
@@ -213,14 +217,10 @@ def _resume(run_dir, model, optimizers, loader, model_config, data, total_steps)
     progress = checkpoint.state.progress
     loader.load_state_dict(progress["loader"])
     torch.set_rng_state(checkpoint.state.rng)
-    saved_total = progress.get("total_steps")
-    return (
-        progress["step"],
-        progress["best_val_loss"],
-        progress["last_val_loss"],
-        progress["elapsed_s"],
-        saved_total if saved_total is not None else total_steps,
-    )
+    # An iteration or token limit given now wins (it may extend the run); a time-limited run keeps the
+    # schedule length it calibrated, so the learning rate carries on where it was.
+    total = total_steps if total_steps is not None else progress.get("total_steps")
+    return progress["step"], progress["best_val_loss"], progress["last_val_loss"], progress["elapsed_s"], total
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -100,3 +100,18 @@ def test_bad_sampling_settings():
         SamplingConfig(top_p=1.5)
     with pytest.raises(ConfigError, match="--temperature -1"):
         SamplingConfig(temperature=-1)
+
+
+def test_stream_text_ends_at_a_stop_string_and_hides_it(mirror, verdict_text):
+    from kiln.data.tokenizers import GPT2Tokenizer
+    from kiln.generate.sampling import stream_text
+
+    tokenizer = GPT2Tokenizer.resolve(mirror)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    greedy = SamplingConfig(max_new_tokens=20, temperature=0)
+    full = "".join(stream_text(model, tokenizer, "The", greedy))
+    assert full == tokenizer.decode(list(generate(model, torch.tensor([tokenizer.encode("The")]), greedy)))
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = "".join(stream_text(model, tokenizer, "The", greedy, stop=[stop]))
+    assert cut == full[: full.index(stop)]
