@@ -16,7 +16,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import kiln
 from kiln.atomic import atomic_dir
 from kiln.data.tokenizers import Tokenizer, load_tokenizer
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, KilnError
 from kiln.model.gpt import GPT, GPTConfig
 
 CHECKPOINT_MARK = "checkpoint"
@@ -53,6 +53,19 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint folder atomically (temporary folder, then rename)."""
     folder = Path(folder)
+    try:
+        _write_checkpoint(folder, model, tokenizer, state, info)
+    except OSError as e:
+        raise KilnError(
+            f"{folder}: could not write the checkpoint ({e.strerror or e}); the previous one there is intact. "
+            "Free some disk space, then continue with --resume"
+        ) from e
+    return folder
+
+
+def _write_checkpoint(
+    folder: Path, model: GPT, tokenizer: Tokenizer | None, state: TrainingState | None, info: dict | None
+) -> None:
     with atomic_dir(folder) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE))  # keeps one copy of tied weights
         config = {
@@ -77,7 +90,6 @@ def save_checkpoint(
             (tmp / STATE_JSON).write_text(
                 json.dumps({"optimizers": optimizer_meta, "progress": state.progress}, indent=2) + "\n"
             )
-    return folder
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:

@@ -86,3 +86,27 @@ def test_weights_that_disagree_with_the_config_are_refused(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(config)
     with pytest.raises(ConfigError, match="weights do not match config.json"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_disk_full_while_saving_is_one_clear_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    import errno
+
+    from kiln.errors import KilnError
+
+    torch.manual_seed(0)
+    first = GPT(GPTConfig(**CONFIG))
+    save_checkpoint(tmp_path / "last", first)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_model", disk_full)
+    with pytest.raises(
+        KilnError,
+        match=r"last: could not write the checkpoint \(No space left on device\); the "
+        r"previous one there is intact",
+    ):
+        save_checkpoint(tmp_path / "last", GPT(GPTConfig(**CONFIG)))
+    idx = torch.randint(0, 40, (1, 8))
+    assert torch.equal(load_checkpoint(tmp_path / "last").model(idx)[0], first(idx)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
