@@ -113,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--top-p", type=float)
     sa.add_argument("--repetition-penalty", type=float, default=1.0)
     sa.add_argument("--seed", type=int)
-    sa.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    sa.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="stop when this text appears (repeatable; \\n and \\t stand for newline and tab)",
+    )
     sa.add_argument("--num-samples", type=int, default=1)
 
     demo = commands.add_parser("demo", parents=common, help="the main job: get the default corpus and prepare it")
@@ -308,7 +313,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.num_samples > 1:
             print(f"--- sample {number + 1}")
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, args.stop):
+        stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+        for piece in stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, stops):
             print(piece, end="", flush=True)
         print()
 

@@ -275,6 +275,20 @@ def test_train_then_resume_then_sample(capsys, tmp_path, mirror):
         capsys, "sample", f"{run_dir}/best", "--prompt", "I had", "--max-new-tokens", "30", "--seed", "1"
     )
     assert code == 0 and out.startswith("I had") and len(out) > len("I had") + 10
+    code, out, _ = run(
+        capsys,
+        "sample",
+        f"{run_dir}/best",
+        "--prompt",
+        "I had",
+        "--stop",
+        "\\n",
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "300",
+    )
+    assert code == 0 and "\n" not in out.removesuffix("\n")  # the typed \n stops at the first newline
 
 
 TRAIN_MISTAKES = {
