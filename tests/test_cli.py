@@ -289,6 +289,10 @@ def test_train_then_resume_then_sample(capsys, tmp_path, mirror):
         "300",
     )
     assert code == 0 and "\n" not in out.removesuffix("\n")  # the typed \n stops at the first newline
+    code, unstopped, _ = run(
+        capsys, "sample", f"{run_dir}/best", "--prompt", "I had", "--seed", "1", "--max-new-tokens", "300"
+    )
+    assert "\n" in unstopped.removesuffix("\n") and unstopped.startswith(out.removesuffix("\n"))
 
 
 TRAIN_MISTAKES = {
