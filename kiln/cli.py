@@ -243,6 +243,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from kiln.generate.sampling import SamplingConfig, stream_text
     from kiln.model.gpt import GPT
     from kiln.progress import progress_bar
+    from kiln.train.checkpoint import load_checkpoint
     from kiln.train.run import build_settings, parse_duration, plot_losses, training_data
     from kiln.train.trainer import train
 
@@ -280,18 +281,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s); best val loss {result.best_val_loss:.4f}"
     )
     print(f"checkpoints: {args.out}/last, {args.out}/best" + (f"; loss curve: {plot}" if plot else ""))
-    from kiln.train.checkpoint import load_checkpoint
-
     best = load_checkpoint(Path(args.out) / "best")
     print("sample:")
-    for piece in stream_text(
-        best.model,
-        best.tokenizer,
-        "",
-        SamplingConfig(max_new_tokens=200, temperature=0.8, top_k=200, seed=run.train.seed),
-    ):
+    _print_stream(
+        stream_text(best.model, best.tokenizer, "", SamplingConfig(temperature=0.8, top_k=200, seed=run.train.seed))
+    )
+    print(f'\nsample more with: kiln sample {args.out}/best --prompt "..."')
+
+
+def _print_stream(pieces) -> None:
+    """Print text as it is generated, then end the line."""
+    for piece in pieces:
         print(piece, end="", flush=True)
-    print(f'\n\nsample more with: kiln sample {args.out}/best --prompt "..."')
+    print()
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -314,9 +316,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             print(f"--- sample {number + 1}")
         print(args.prompt, end="", flush=True)
         stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-        for piece in stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, stops):
-            print(piece, end="", flush=True)
-        print()
+        _print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, stops))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
