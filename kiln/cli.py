@@ -257,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = build_settings(args.preset, data.tokenizer.vocab_size, settings, {k: v for k, v in limits.items() if v})
     with torch.device("meta"):
         params = GPT(run.model).num_params()
-    tokens_per_step = run.train.batch_size * run.train.grad_accum * run.model.block_size
+    tokens_per_step = run.train.tokens_per_step(run.model.block_size)
     print(f"data: {data.summary()}")
     print(
         f"model: {args.preset} ({run.model.block_style}, {run.model.n_layer} layers, {run.model.n_head} heads, "

@@ -115,9 +115,11 @@ def prepare_corpus(
     if out_dir.exists() and any(out_dir.iterdir()) and not is_prepared_dir(out_dir) and not force:
         raise DataError(f"{out_dir}: exists and is not a Kiln prepared corpus; choose another --out or pass --force")
 
-    is_char = tokenizer == "char"
-    stats = {role: scan(corpus, collect_chars=is_char) for role, corpus in corpora.items()}
-    if is_char:
+    # Only a char vocabulary needs the corpus read first; other tokenizers can check for reuse before
+    # any pass over the text.
+    stats = None
+    if tokenizer == "char":
+        stats = {role: scan(corpus, collect_chars=True) for role, corpus in corpora.items()}
         charset = set().union(*(s.charset for s in stats.values()))
         several_documents = sum(s.documents for s in stats.values()) > 1
         tokenizer = CharTokenizer(charset, specials=[EOS] if several_documents else [], unk=unk)
@@ -144,14 +146,16 @@ def prepare_corpus(
         "val_fraction": None if own_split else val_fraction,
     }
     if is_prepared_dir(out_dir) and not force:
-        old = PreparedCorpus.open(out_dir).meta
-        if _same_request(old, identity):
-            return PreparedCorpus.open(out_dir)
-        if old["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
+        existing = PreparedCorpus.open(out_dir)
+        if _same_request(existing.meta, identity):
+            return existing
+        if existing.meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
             raise DataError(
-                f"{out_dir}: holds data prepared with the {old['tokenizer']['kind']} tokenizer, "
+                f"{out_dir}: holds data prepared with the {existing.meta['tokenizer']['kind']} tokenizer, "
                 f"not {tokenizer.kind}; choose another --out or pass --force to replace it"
             )
+    if stats is None:
+        stats = {role: scan(corpus, collect_chars=False) for role, corpus in corpora.items()}
 
     total_chars = sum(s.chars for s in stats.values())
     label = identity["source"]["label"]

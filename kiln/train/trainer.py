@@ -43,6 +43,9 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
 
+    def tokens_per_step(self, block_size: int) -> int:
+        return self.batch_size * self.grad_accum * block_size
+
 
 @dataclass
 class TrainResult:
@@ -94,18 +97,19 @@ def train(
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(device)
     optimizers = build_optimizers(model, optim_config)
+    train_tokens = data.tokens("train")
     loader = RandomWindows(
-        data.tokens("train"),
+        train_tokens,
         model_config.block_size,
         train_config.batch_size,
         seed=train_config.seed,
         label=f"{data.folder} train",
     )
-    train_eval = _fixed_batches(data.tokens("train"), model_config, train_config, train_config.seed + 1, "train")
+    train_eval = _fixed_batches(train_tokens, model_config, train_config, train_config.seed + 1, "train")
     val_eval = _fixed_batches(
         data.tokens("val"), model_config, train_config, train_config.seed + 2, f"{data.folder} val"
     )
-    tokens_per_step = train_config.batch_size * train_config.grad_accum * model_config.block_size
+    tokens_per_step = train_config.tokens_per_step(model_config.block_size)
     limits = [train_config.max_iters] if train_config.max_iters else []
     if train_config.max_tokens:
         limits.append(math.ceil(train_config.max_tokens / tokens_per_step))

@@ -165,3 +165,14 @@ def test_meta_json_records_what_made_the_files(shakespeare_prepared):
 def test_a_file_fingerprints_the_same_by_path_or_by_name(mirror):
     by_name = open_corpus("tinyshakespeare", mirror)["all"].fingerprint()
     assert open_corpus(mirror / "tinyshakespeare.txt")["all"].fingerprint() == by_name
+
+
+def test_reusing_a_subword_corpus_does_not_read_the_text_again(tmp_path, mirror, monkeypatch):
+    corpora = open_corpus("the-verdict", mirror)
+    first = prepare_corpus(corpora, "gpt2", tmp_path / "v", data_dir=mirror)
+
+    def no_reading(self):
+        raise AssertionError("documents were read although the folder could be reused")
+
+    monkeypatch.setattr(type(corpora["all"]), "documents", no_reading)
+    assert prepare_corpus(corpora, "gpt2", tmp_path / "v", data_dir=mirror).meta == first.meta
