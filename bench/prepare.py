@@ -94,19 +94,41 @@ def prepare(corpus: Path, tokenizer: str, out: Path, log: Path) -> Result:
     meta = json.loads((out / "meta.json").read_text())
     shutil.rmtree(out)
     splits = [meta["splits"][s] for s in ("train", "val")]
-    return Result(tokenizer.split(":")[0], meta["tokenizer"]["vocab_size"], sum(s["tokens"] for s in splits),
-                  sum(s["chars"] for s in splits), child)
+    return Result(
+        tokenizer.split(":")[0],
+        meta["tokenizer"]["vocab_size"],
+        sum(s["tokens"] for s in splits),
+        sum(s["chars"] for s in splits),
+        child,
+    )
 
 
 def report(results: list[Result], corpus_bytes: int) -> Table:
-    table = Table("tokenizer", "vocab", "tokens", "chars/token", "wall s", "tokens/s", "MB text/s",
-                  "peak RSS MB", "RSS < 1 GB", title=f"kiln prepare, {corpus_bytes / MIB:,.0f} MB corpus")
+    table = Table(
+        "tokenizer",
+        "vocab",
+        "tokens",
+        "chars/token",
+        "wall s",
+        "tokens/s",
+        "MB text/s",
+        "peak RSS MB",
+        "RSS < 1 GB",
+        title=f"kiln prepare, {corpus_bytes / MIB:,.0f} MB corpus",
+    )
     for r in results:
         rss_ok = r.child.peak_rss_mb <= RSS_LIMIT_MB  # the bar: 1 GB = 1,024 MiB
-        table.add_row(r.tokenizer, f"{r.vocab:,}", f"{r.tokens:,}", f"{r.chars / r.tokens:.2f}",
-                      f"{r.child.wall_s:.1f}", f"{r.tokens / r.child.wall_s:,.0f}",
-                      f"{corpus_bytes / MIB / r.child.wall_s:.2f}", f"{r.child.peak_rss_mb:,.0f}",
-                      "PASS" if rss_ok else "[red]FAIL[/red]")
+        table.add_row(
+            r.tokenizer,
+            f"{r.vocab:,}",
+            f"{r.tokens:,}",
+            f"{r.chars / r.tokens:.2f}",
+            f"{r.child.wall_s:.1f}",
+            f"{r.tokens / r.child.wall_s:,.0f}",
+            f"{corpus_bytes / MIB / r.child.wall_s:.2f}",
+            f"{r.child.peak_rss_mb:,.0f}",
+            "PASS" if rss_ok else "[red]FAIL[/red]",
+        )
     return table
 
 
@@ -121,16 +143,21 @@ def main() -> int:
         corpus = tmp / "corpus.txt"
         start = time.perf_counter()
         corpus_bytes = build_corpus(corpus, int(args.size_mb * MIB))
-        console.print(f"corpus: {corpus_bytes:,} bytes ({corpus_bytes / MIB:,.1f} MB) of WikiText-2 train + "
-                      f"Tiny Shakespeare, written in {time.perf_counter() - start:.1f}s")
+        console.print(
+            f"corpus: {corpus_bytes:,} bytes ({corpus_bytes / MIB:,.1f} MB) of WikiText-2 train + "
+            f"Tiny Shakespeare, written in {time.perf_counter() - start:.1f}s"
+        )
 
         bpe_dir = tmp / "bpe-4096"
         results: list[Result] = []
         try:
-            train = run_child(["tokenizer", "train", "tinyshakespeare", "--vocab-size", "4096", "--out",
-                               str(bpe_dir)], tmp / "train.log")
-            console.print(f"BPE 4,096 trained on Tiny Shakespeare: {train.wall_s:.1f}s wall, "
-                          f"peak RSS {train.peak_rss_mb:,.0f} MB")
+            train = run_child(
+                ["tokenizer", "train", "tinyshakespeare", "--vocab-size", "4096", "--out", str(bpe_dir)],
+                tmp / "train.log",
+            )
+            console.print(
+                f"BPE 4,096 trained on Tiny Shakespeare: {train.wall_s:.1f}s wall, peak RSS {train.peak_rss_mb:,.0f} MB"
+            )
             for tokenizer in ("char", "gpt2", f"bpe:{bpe_dir}"):
                 results.append(prepare(corpus, tokenizer, tmp / "prepared", tmp / "prepare.log"))
                 summary = results[-1].child.output.splitlines()[-1].replace(f"{tmp}/", "")

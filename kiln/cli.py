@@ -121,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sa.add_argument("--num-samples", type=int, default=1)
 
-    demo = commands.add_parser("demo", parents=common, help="the main job: get the default corpus and prepare it")
+    demo = commands.add_parser(
+        "demo", parents=common, help="the main job: prepare Tiny Shakespeare, train a model on it for 3 minutes, sample"
+    )
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
+    demo.add_argument("--time", default="3m", help="how long to train, e.g. 90s or 3m (default 3m)")
     return parser
 
 
@@ -220,7 +223,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
         box=None,
         pad_edge=False,
     )
-    for name, (description, _) in PRESETS.items():
+    for name, preset in PRESETS.items():
         config = preset_config(name)
         with torch.device("meta"):  # count parameters without allocating them
             params = GPT(config).num_params()
@@ -231,21 +234,15 @@ def cmd_presets(args: argparse.Namespace) -> None:
             str(config.n_embd),
             str(config.block_size),
             f"{params / 1e6:.2f}M",
-            description,
+            preset.description
+            + ("; recipe " + ", ".join(f"{k}={v}" for k, v in preset.recipe.items()) if preset.recipe else ""),
         )
     Console(width=max(Console().width, 140)).print(table)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import torch
-
     from kiln.config import parse_overrides, read_config_file
-    from kiln.generate.sampling import SamplingConfig, stream_text
-    from kiln.model.gpt import GPT
-    from kiln.progress import progress_bar
-    from kiln.train.checkpoint import load_checkpoint
-    from kiln.train.run import build_settings, parse_duration, plot_losses, training_data
-    from kiln.train.trainer import train
+    from kiln.train.run import parse_duration, train_and_report, training_data
 
     data = training_data(args.data, args.tokenizer, args.data_dir)
     settings = {**(read_config_file(args.config) if args.config else {}), **parse_overrides(args.set)}
@@ -254,50 +251,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         "max_tokens": args.max_tokens,
         "max_time": parse_duration(args.max_time) if args.max_time else None,
     }
-    run = build_settings(args.preset, data.tokenizer.vocab_size, settings, {k: v for k, v in limits.items() if v})
-    with torch.device("meta"):
-        params = GPT(run.model).num_params()
-    tokens_per_step = run.train.tokens_per_step(run.model.block_size)
-    print(f"data: {data.summary()}")
-    print(
-        f"model: {args.preset} ({run.model.block_style}, {run.model.n_layer} layers, {run.model.n_head} heads, "
-        f"{run.model.n_embd} wide, context {run.model.block_size}): {params / 1e6:.2f}M parameters; "
-        f"{tokens_per_step:,} tokens per step"
+    best = train_and_report(
+        data, args.preset, settings, {k: v for k, v in limits.items() if v}, Path(args.out), args.resume
     )
-    steps_limit = run.train.max_iters or (run.train.max_tokens and -(-run.train.max_tokens // tokens_per_step))
-    with progress_bar("training", total=steps_limit, unit="steps") as advance:
-        result = train(
-            run.model,
-            run.optim,
-            run.train,
-            data,
-            args.out,
-            resume=args.resume,
-            on_step=lambda step, loss: advance(1, f"training, loss {loss:.3f}"),
-        )
-    plot = plot_losses(Path(args.out))
-    print(
-        f"done: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
-        f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s); best val loss {result.best_val_loss:.4f}"
-    )
-    print(f"checkpoints: {args.out}/last, {args.out}/best" + (f"; loss curve: {plot}" if plot else ""))
-    best = load_checkpoint(Path(args.out) / "best")
-    print("sample:")
-    _print_stream(
-        stream_text(best.model, best.tokenizer, "", SamplingConfig(temperature=0.8, top_k=200, seed=run.train.seed))
-    )
-    print(f'\nsample more with: kiln sample {args.out}/best --prompt "..."')
-
-
-def _print_stream(pieces) -> None:
-    """Print text as it is generated, then end the line."""
-    for piece in pieces:
-        print(piece, end="", flush=True)
-    print()
+    print(f'\nsample more with: kiln sample {best} --prompt "..."')
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from kiln.generate.sampling import SamplingConfig, stream_text
+    from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
     from kiln.train.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
@@ -316,13 +277,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
             print(f"--- sample {number + 1}")
         print(args.prompt, end="", flush=True)
         stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-        _print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, stops))
+        print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, stops))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from kiln.demo import run_demo
+    from kiln.train.run import parse_duration
 
-    run_demo(Path(args.out), args.data_dir)
+    run_demo(Path(args.out), args.data_dir, parse_duration(args.time))
 
 
 COMMANDS = {

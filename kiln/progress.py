@@ -45,10 +45,11 @@ def _short(n: float) -> str:
 
 @contextmanager
 def progress_bar(label: str, total: float | None, unit: str = "") -> Iterator[Callable[..., None]]:
-    """Yield `advance(n, label=None)`; draws a transient bar with rate and ETA on stderr when it is a
-    terminal. A new `label` replaces the description (e.g. to show the current loss)."""
+    """Yield `advance(n, label=None, total=None)`; draws a transient bar with rate and ETA on stderr when
+    it is a terminal. A new `label` replaces the description (e.g. to show the current loss), a new
+    `total` the length (once a time-limited run knows how many steps fit)."""
     if os.environ.get(QUIET_ENV) or not sys.stderr.isatty():
-        yield lambda n, label=None: None
+        yield lambda n, label=None, total=None: None
         return
     columns: list = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
     columns += [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [_CountAndRate(unit)]
@@ -56,7 +57,8 @@ def progress_bar(label: str, total: float | None, unit: str = "") -> Iterator[Ca
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
 
-        def advance(n: float, label: str | None = None) -> None:
-            bar.update(task, advance=n, **({"description": label} if label else {}))
+        def advance(n: float, label: str | None = None, total: float | None = None) -> None:
+            changes = {"description": label} if label else {}
+            bar.update(task, advance=n, **changes, **({"total": total} if total else {}))
 
         yield advance

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -69,17 +70,23 @@ def test_prepare_prints_a_summary(capsys, tmp_path, mirror):
     assert "train 1,003,854 tokens, val 111,540 tokens" in out
 
 
-def test_demo_prepares_the_default_corpus(capsys, tmp_path, mirror):
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
+def test_demo_prepares_trains_samples_and_says_how_to_go_on(capsys, tmp_path, mirror):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "4s")
     assert code == 0
     assert "1,003,854" in out and "301,966" in out
     assert (tmp_path / "demo" / "tinyshakespeare-gpt2" / "train.bin").is_file()
+    (run_dir,) = (tmp_path / "demo").glob("shakespeare-cpu-*")
+    assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "loss.png").is_file()
+    assert "estimated run time" in out and "best val loss" in out and "sample 2" in out
+    command = out.strip().splitlines()[-1]
+    assert command.startswith(f"kiln sample {run_dir / 'best'} --prompt")
+    assert run(capsys, *shlex.split(command)[1:], "--max-new-tokens", "5")[0] == 0
 
 
 def test_demo_falls_back_to_python_docs_when_shakespeare_is_missing(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_DATA_DIR", str(tmp_path / "empty-mirror"))
     monkeypatch.setattr("kiln.data.registry.DATASETS", _offline_registry())
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "2s")
     assert code == 0
     assert "Tiny Shakespeare could not be obtained" in out and "python-docs" in out
     assert (tmp_path / "demo" / "python-docs-char" / "train.bin").is_file()

@@ -6,7 +6,7 @@ top-p. Temperature 0 is greedy: deterministic, no randomness drawn.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +124,10 @@ def stream_text(model, tokenizer, prompt: str, config: SamplingConfig, stop: lis
     final = tokenizer.decode(new_ids)
     if len(final) > len(shown):
         yield final[len(shown) :]
+
+
+def print_stream(pieces: Iterable[str]) -> None:
+    """Print text as it is generated, then end the line."""
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()

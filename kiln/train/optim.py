@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kiln.errors import ConfigError
+from kiln.train.hardware import cpu_has_fast_bf16
 
 OPTIMIZERS = ("adamw", "muon")
 DECAYS = ("cosine", "linear", "constant")
@@ -73,8 +74,12 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
         ]
         optimizers = [torch.optim.AdamW(adamw_groups, lr=config.lr, betas=betas, fused=_fused_ok(model))]
     else:
-        muon = torch.optim.Muon(
-            groups.hidden_matrices, lr=config.muon_lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw"
+        muon = Muon(
+            groups.hidden_matrices,
+            lr=config.muon_lr,
+            weight_decay=config.weight_decay,
+            adjust_lr_fn="match_rms_adamw",
+            fp32_orthogonalization=not _fast_bf16(model),
         )
         adamw_groups = [
             {"params": groups.other_matrices, "weight_decay": config.weight_decay},
@@ -88,6 +93,71 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
         for group in optimizer.param_groups:
             group["base_lr"] = group["lr"]
     return optimizers
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon, optionally orthogonalising in fp32.
+
+    torch runs the Newton-Schulz iteration in bf16, which is right on GPUs and on CPUs with AMX or
+    AVX-512 BF16. Elsewhere (AVX2 CPUs, most laptops) bf16 matrix products are emulated and a Muon step
+    costs about 15 training steps; in fp32 it costs a fraction of one. The update rule and the state
+    (`momentum_buffer`) are torch's, so checkpoints move freely between the two.
+    """
+
+    def __init__(self, params, fp32_orthogonalization: bool = False, **settings):
+        super().__init__(params, **settings)
+        self.fp32_orthogonalization = fp32_orthogonalization
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self.fp32_orthogonalization:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - group["momentum"])
+                update = param.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"] * _muon_lr_scale(group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+def orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float):
+    """Muon's quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix, in fp32."""
+    a, b, c = coefficients
+    x = matrix.float()
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(matrix.dtype)
+
+
+def _muon_lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":  # Moonshot's scaling: update RMS matches AdamW's (0.2)
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))  # Keller Jordan's original
+
+
+def _fast_bf16(model: nn.Module) -> bool:
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return cpu_has_fast_bf16()
+    return device.type == "cuda"
 
 
 def _fused_ok(model: nn.Module) -> bool:

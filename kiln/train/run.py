@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from kiln.config import apply_settings
 from kiln.data.corpus import ReadOptions, open_corpus
 from kiln.data.fetch import cache_dir
@@ -17,10 +19,14 @@ from kiln.data.prepare import prepare_corpus
 from kiln.data.prepared import PreparedCorpus, is_prepared_dir
 from kiln.data.tokenizers import tokenizer_from_spec
 from kiln.errors import ConfigError
-from kiln.model.gpt import GPTConfig
-from kiln.model.presets import preset_config
+from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
+from kiln.model.gpt import GPT, GPTConfig
+from kiln.model.presets import get_preset, preset_config
+from kiln.progress import progress_bar
+from kiln.train.checkpoint import load_checkpoint
+from kiln.train.hardware import autocast_dtype, physical_cores, pick_device
 from kiln.train.optim import OptimConfig
-from kiln.train.trainer import METRICS_FILE, TrainConfig
+from kiln.train.trainer import METRICS_FILE, TrainConfig, train
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
@@ -31,6 +37,16 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ConfigError(f"--max-time {text}: write a duration such as 90s, 3m or 1h")
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """72.4 -> '1m12s'; 3700 -> '1h01m'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def training_data(spec: str, tokenizer: str | None, data_dir: str | os.PathLike | None) -> PreparedCorpus:
@@ -58,9 +74,10 @@ class RunSettings:
 
 
 def build_settings(preset: str, vocab_size: int, settings: dict, limits: dict) -> RunSettings:
-    """Preset shape + the data's vocabulary + file/--set settings + the command's limits."""
+    """Preset shape and recipe + the data's vocabulary + file/--set settings + the command's limits."""
     model = preset_config(preset, vocab_size=vocab_size)
-    model, optim, train = apply_settings([model, OptimConfig(), TrainConfig()], {**settings, **limits})
+    ordered = {**get_preset(preset).recipe, **settings, **limits}
+    model, optim, train = apply_settings([model, OptimConfig(), TrainConfig()], ordered)
     return RunSettings(model, optim, train)
 
 
@@ -88,3 +105,55 @@ def plot_losses(run_dir: Path) -> Path | None:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def train_and_report(
+    data: PreparedCorpus, preset: str, settings: dict, limits: dict, out: Path, resume: bool = False
+) -> Path:
+    """What `kiln train` does: say what will run, train with a progress bar, then write loss.png and
+    print a summary and a sample. Returns the best checkpoint's folder."""
+    run = build_settings(preset, data.tokenizer.vocab_size, settings, limits)
+    with torch.device("meta"):  # count parameters without allocating them
+        params = GPT(run.model).num_params()
+    tokens_per_step = run.train.tokens_per_step(run.model.block_size)
+    device = pick_device(run.train.device)
+    print(f"data: {data.summary()}")
+    print(
+        f"model: {preset} ({run.model.block_style}, {run.model.n_layer} layers, {run.model.n_head} heads, "
+        f"{run.model.n_embd} wide, context {run.model.block_size}): {params / 1e6:.2f}M parameters; "
+        f"{tokens_per_step:,} tokens per step"
+    )
+    print(
+        f"device: {device}, {'bf16 autocast' if autocast_dtype(run.train.precision, device) else 'fp32'}"
+        + (f", {run.train.threads or physical_cores()} threads" if device.type == "cpu" else "")
+        + (", torch.compile" if run.train.compile else "")
+    )
+    steps_limit = run.train.max_iters or (run.train.max_tokens and -(-run.train.max_tokens // tokens_per_step))
+    with progress_bar("training", total=steps_limit, unit="steps") as advance:
+
+        def estimate(total_steps: int, seconds_left: float) -> None:
+            advance(0, total=total_steps)
+            print(f"estimated run time: {format_duration(seconds_left)} more for {total_steps:,} steps", flush=True)
+
+        result = train(
+            run.model,
+            run.optim,
+            run.train,
+            data,
+            out,
+            resume=resume,
+            on_step=lambda step, loss: advance(1, f"training, loss {loss:.3f}"),
+            on_estimate=estimate,
+        )
+    plot = plot_losses(out)
+    print(
+        f"done: {result.steps:,} steps, {result.tokens:,} tokens in {format_duration(result.seconds)} "
+        f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s); best val loss {result.best_val_loss:.4f}"
+    )
+    print(f"checkpoints: {out / 'last'}, {out / 'best'}" + (f"; loss curve: {plot}" if plot else ""))
+    best = load_checkpoint(out / "best")
+    print("sample:")
+    print_stream(
+        stream_text(best.model, best.tokenizer, "", SamplingConfig(temperature=0.8, top_k=200, seed=run.train.seed))
+    )
+    return out / "best"

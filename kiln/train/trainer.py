@@ -7,6 +7,7 @@ resume equal an uninterrupted run's bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,10 +22,14 @@ from kiln.data.prepared import PreparedCorpus
 from kiln.errors import ConfigError, KilnError
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.train.checkpoint import TrainingState, is_checkpoint, load_checkpoint, save_checkpoint
+from kiln.train.hardware import autocast_dtype, flops_per_token, peak_flops, pick_device, set_threads
 from kiln.train.optim import OptimConfig, build_optimizers, lr_factor, set_learning_rates
 
 METRICS_FILE = "metrics.jsonl"
-CALIBRATION_STEPS = 10  # steps timed before a --max-time run fixes its schedule length
+# A --max-time run sets its schedule length from the pace measured after these many steps of this
+# session, and refines it at the later ones (the first steps run slow, and a shared machine drifts).
+CALIBRATION_POINTS = (10, 30, 100, 300, 1000, 3000)
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class TrainingDiverged(KilnError):
@@ -41,7 +46,17 @@ class TrainConfig:
     eval_interval: int = 200
     eval_batches: int = 20
     seed: int = 1337
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    precision: str = "auto"  # auto: bf16 autocast on GPUs and on CPUs with AMX / AVX-512 BF16, else fp32
+    compile: bool = False  # torch.compile the model (pays a compile at start for faster steps on GPUs)
+    threads: int | None = None  # CPU compute threads; None: one per physical core
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
 
     def tokens_per_step(self, block_size: int) -> int:
         return self.batch_size * self.grad_accum * block_size
@@ -57,27 +72,22 @@ class TrainResult:
     run_dir: Path
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def _fixed_batches(tokens, config: GPTConfig, train: TrainConfig, seed: int, label: str) -> list:
     loader = RandomWindows(tokens, config.block_size, train.batch_size, seed=seed, label=label)
     return [next(loader) for _ in range(train.eval_batches)]
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, batches: list, device: torch.device) -> float:
+def estimate_loss(model: GPT, batches: list, device: torch.device, amp: torch.dtype | None = None) -> float:
     model.eval()
-    losses = [model(x.to(device), targets=y.to(device))[1].item() for x, y in batches]
+    with _autocast(device, amp):
+        losses = [model(x.to(device), targets=y.to(device))[1].item() for x, y in batches]
     model.train()
     return sum(losses) / len(losses)
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
 
 
 def train(
@@ -88,14 +98,24 @@ def train(
     run_dir: str | Path,
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    on_estimate: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train a GPT on prepared data into `run_dir`; `on_step(step, loss)` is called after every step."""
+    """Train a GPT on prepared data into `run_dir`.
+
+    `on_step(step, loss)` is called after every step; `on_estimate(total_steps, seconds_left)` once the
+    first steps have been timed.
+    """
     run_dir = Path(run_dir)
     if not (train_config.max_iters or train_config.max_tokens or train_config.max_time):
         raise ConfigError("give a limit: --max-iters, --max-tokens or --max-time")
     device = pick_device(train_config.device)
+    threads = set_threads(train_config.threads) if device.type == "cpu" else torch.get_num_threads()
+    amp = autocast_dtype(train_config.precision, device)
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(device)
+    step_model = torch.compile(model) if train_config.compile else model
+    peak = peak_flops(device, amp, threads)
+    flops_per_step = flops_per_token(model_config) * train_config.tokens_per_step(model_config.block_size)
     optimizers = build_optimizers(model, optim_config)
     train_tokens = data.tokens("train")
     loader = RandomWindows(
@@ -127,21 +147,26 @@ def train(
 
     start = time.perf_counter() - elapsed_before
     evaluated_at = first_step = step
-    session_start = time.perf_counter()
+    paces = {0: 0.0}  # steps into this session -> seconds spent in training steps to reach them
+    session_step_seconds = 0.0
+    train_config_steps = total_steps  # the iteration / token limit, which a time limit can only shorten
+    step_seconds = 0.0  # time in training steps since the last evaluation, for tokens/s and MFU
     # With a time limit and no schedule length yet (a new run, or one stopped before it calibrated).
     calibrate = bool(train_config.max_time) and (not resume or total_steps is None)
 
-    def evaluate_and_save() -> float:  # reads the loop's current step, schedule length and best loss
-        train_loss = estimate_loss(model, train_eval, device)
-        val_loss = estimate_loss(model, val_eval, device)
+    def evaluate_and_save() -> float:  # reads the loop's step, timing, schedule length and best loss
+        train_loss = estimate_loss(model, train_eval, device, amp)
+        val_loss = estimate_loss(model, val_eval, device, amp)
         elapsed = time.perf_counter() - start
+        steps_timed = step - evaluated_at
         record = {
             "step": step,
             "train_loss": train_loss,
             "val_loss": val_loss,
             "lr": optimizers[-1].param_groups[0]["lr"],
             "tokens": step * tokens_per_step,
-            "tokens_per_s": step * tokens_per_step / elapsed,
+            "tokens_per_s": steps_timed * tokens_per_step / step_seconds if step_seconds else None,
+            "mfu": steps_timed * flops_per_step / step_seconds / peak if step_seconds and peak else None,
             "elapsed_s": elapsed,
         }
         with open(run_dir / METRICS_FILE, "a") as f:
@@ -169,11 +194,13 @@ def train(
         elapsed = time.perf_counter() - start
         if train_config.max_time and elapsed >= train_config.max_time:
             break
+        step_start = time.perf_counter()
         set_learning_rates(optimizers, lr_factor(step, total_steps or 10**9, optim_config))
         loss_sum = 0.0
         for _ in range(train_config.grad_accum):
             x, y = next(loader)
-            _, loss = model(x.to(device), targets=y.to(device))
+            with _autocast(device, amp):
+                _, loss = step_model(x.to(device), targets=y.to(device))
             (loss / train_config.grad_accum).backward()
             loss_sum += loss.item() / train_config.grad_accum
         if not math.isfinite(loss_sum):
@@ -182,22 +209,35 @@ def train(
                 f"Try a lower learning rate, e.g. --set lr={optim_config.lr / 3:.1e}"
             )
         if optim_config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_config.grad_clip)
+            # foreach: one fused norm over all gradients instead of one small op per tensor.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_config.grad_clip, foreach=True)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        if calibrate and step == first_step + CALIBRATION_STEPS:
-            # Fix the schedule's length from the measured pace, so the decay ends as time runs out.
-            per_step = (time.perf_counter() - session_start) / CALIBRATION_STEPS
-            by_time = step + int((train_config.max_time - (time.perf_counter() - start)) / per_step)
-            total_steps = min(total_steps, by_time) if total_steps else by_time
+        step_seconds += time.perf_counter() - step_start
+        session_step_seconds += time.perf_counter() - step_start
+        if step - first_step in CALIBRATION_POINTS:
+            index = CALIBRATION_POINTS.index(step - first_step)
+            since = CALIBRATION_POINTS[index - 1] if index else 0
+            per_step = (session_step_seconds - paces[since]) / (step - first_step - since)
+            paces[step - first_step] = session_step_seconds
+            # An evaluation runs 2 x eval_batches forward passes, each about a third of a training step.
+            eval_seconds = 2 * train_config.eval_batches * per_step / 3
+            per_step_with_evals = per_step + eval_seconds / train_config.eval_interval
+            if calibrate:
+                # Fit the schedule to the time left, so the decay ends as time runs out.
+                left = train_config.max_time - (time.perf_counter() - start) - eval_seconds
+                by_time = step + max(1, int(left / per_step_with_evals))
+                total_steps = min(train_config_steps, by_time) if train_config_steps else by_time
+            if on_estimate and total_steps and not index:
+                on_estimate(total_steps, (total_steps - step) * per_step_with_evals + eval_seconds)
         if on_step:
             on_step(step, loss_sum)
         done = total_steps is not None and step >= total_steps
         if step % train_config.eval_interval == 0 or done:
             last_val = evaluate_and_save()
-            best_val, evaluated_at = min(best_val, last_val), step
+            best_val, evaluated_at, step_seconds = min(best_val, last_val), step, 0.0
     if evaluated_at != step:  # stopped by the clock between evaluations
         last_val = evaluate_and_save()
         best_val = min(best_val, last_val)

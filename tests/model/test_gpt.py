@@ -119,7 +119,19 @@ def test_config_mistakes_are_clear():
 
 
 def test_presets_build():
-    assert {"tiny", "nanogpt-cpu", "gpt2-124m"} <= set(PRESETS)
+    assert {"tiny", "nanogpt-cpu", "shakespeare-cpu", "gpt2-124m"} <= set(PRESETS)
     tiny = preset_config("tiny", vocab_size=65)
     assert (tiny.n_layer, tiny.n_head, tiny.n_embd, tiny.vocab_size) == (2, 2, 128, 65)
     assert preset_config("nanogpt-cpu").block_size == 64
+
+
+def test_a_preset_recipe_is_a_default_that_settings_override():
+    from kiln.train.run import build_settings
+
+    run = build_settings("shakespeare-cpu", 65, {"lr": 1e-3}, {"max_time": 60.0})
+    assert run.model.block_style == "llama" and run.model.vocab_size == 65
+    assert run.optim.lr == 1e-3  # --set wins over the recipe
+    assert run.optim.warmup_iters == PRESETS["shakespeare-cpu"].recipe["warmup_iters"]
+    assert run.train.max_time == 60.0
+    assert build_settings("shakespeare-cpu", 65, {}, {}).optim.lr == PRESETS["shakespeare-cpu"].recipe["lr"]
+    assert build_settings("nanogpt-cpu", 65, {}, {}).optim.lr == 1e-3  # no recipe: the defaults

@@ -81,3 +81,25 @@ def test_bad_optimizer_settings():
         OptimConfig(optimizer="sgd")
     with pytest.raises(ConfigError, match="min_lr 0.1 must be between 0 and lr 0.001"):
         OptimConfig(min_lr=0.1)
+
+
+def test_fp32_muon_follows_torch_muon_and_shares_its_state():
+    from kiln.train.optim import Muon
+
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 16), torch.randn(16, 48)]
+    copies = [[w.clone().requires_grad_() for w in weights] for _ in range(2)]
+    ours = Muon(copies[0], lr=0.02, adjust_lr_fn="match_rms_adamw", fp32_orthogonalization=True)
+    reference = torch.optim.Muon(copies[1], lr=0.02, adjust_lr_fn="match_rms_adamw")  # bf16 Newton-Schulz
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, optimizer in ((copies[0], ours), (copies[1], reference)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, w in zip(copies[0], copies[1], weights, strict=True):
+        moved = (b - w).norm()
+        assert moved > 0.01
+        assert (a - b).norm() < 0.02 * moved  # the same update, up to bf16 rounding
+    assert ours.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+    ours.load_state_dict(reference.state_dict())

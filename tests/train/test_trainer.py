@@ -102,3 +102,32 @@ def test_run_mistakes_are_clear(verdict_char, tmp_path):
         train(model, optim, run, verdict_char, tmp_path / "c", resume=True)
     with pytest.raises(Exception, match="shorter than one window"):
         train(GPTConfig(**(model.to_dict() | {"block_size": 4096})), optim, run, verdict_char, tmp_path / "d")
+
+
+def test_metrics_carry_speed_and_mfu_and_the_estimate_comes_early(verdict_char, tmp_path, monkeypatch):
+    from kiln.train import trainer
+
+    monkeypatch.setattr(trainer, "peak_flops", lambda device, dtype, threads: 1e12)
+    estimates = []
+    train(
+        *configs(verdict_char, max_iters=16, eval_interval=8),
+        verdict_char,
+        tmp_path / "r",
+        on_estimate=lambda steps, seconds: estimates.append((steps, seconds)),
+    )
+    assert len(estimates) == 1 and estimates[0][0] == 16 and 0 < estimates[0][1] < 60
+    rows = [json.loads(line) for line in (tmp_path / "r" / METRICS_FILE).read_text().splitlines()]
+    flops_per_step = trainer.flops_per_token(configs(verdict_char)[0]) * 8 * 32
+    for row in rows:
+        # MFU is the step rate's FLOPs over the (here pretended) 1 TFLOP/s peak.
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] / (8 * 32) * flops_per_step / 1e12)
+        assert row["tokens_per_s"] > 0
+
+
+def test_bf16_autocast_trains_on_cpu_and_bad_precision_is_refused(verdict_char, tmp_path):
+    result = train(*configs(verdict_char, max_iters=6, precision="bf16"), verdict_char, tmp_path / "bf16")
+    assert math.isfinite(result.last_val_loss) and result.last_val_loss < math.log(verdict_char.tokenizer.vocab_size)
+    with pytest.raises(ConfigError, match="precision 'fp8': choose one of auto, fp32, bf16"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+        TrainConfig(batch_size=0)

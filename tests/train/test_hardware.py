@@ -1,0 +1,63 @@
+"""Device choice, bf16 policy, thread count and the FLOP counts behind MFU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.model.gpt import GPTConfig
+from kiln.train import hardware
+
+
+def test_flops_per_token_counts_each_weight_six_times_plus_attention():
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    per_layer = 4 * 128 + 3 * 128 * 128 + 3 * 128 + 128 * 128 + 128 + 128 * 512 + 512 + 512 * 128 + 128
+    weights = 4 * per_layer + 65 * 128 + 2 * 128  # blocks, tied embedding/head, final LayerNorm
+    assert hardware.flops_per_token(config) == 6 * weights + 12 * 4 * 128 * 64
+    untied = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, tie_weights=False)
+    # The untied input table is a lookup (no FLOPs); its separate head is counted.
+    assert hardware.flops_per_token(untied) == hardware.flops_per_token(config)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx2", "fma"}, None),
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"amx_bf16"}, torch.bfloat16),
+    ],
+)
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_bf16_arithmetic(monkeypatch, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    cpu = torch.device("cpu")
+    assert hardware.autocast_dtype("auto", cpu) == expected
+    assert hardware.autocast_dtype("fp32", cpu) is None
+    assert hardware.autocast_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_cpu_peak_follows_vector_width_cores_and_clock(monkeypatch):
+    monkeypatch.setattr(hardware, "_cpu_ghz", lambda: 3.0)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert hardware.peak_flops(torch.device("cpu"), None, threads=2) == 32 * 3e9 * 2
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert hardware.peak_flops(torch.device("cpu"), None, threads=2) == 64 * 3e9 * 2
+    monkeypatch.setattr(hardware, "_cpu_ghz", lambda: None)
+    assert hardware.peak_flops(torch.device("cpu"), None, threads=2) is None
+
+
+def test_threads_default_to_the_physical_cores_this_process_may_use():
+    before = torch.get_num_threads()
+    try:
+        assert hardware.set_threads(1) == 1 and torch.get_num_threads() == 1
+        cores = hardware.set_threads(None)
+        assert 1 <= cores <= (torch.multiprocessing.cpu_count() or 1)
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_device_is_cpu_without_accelerators(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert hardware.pick_device("auto") == torch.device("cpu")
+    assert hardware.pick_device("cpu") == torch.device("cpu")
