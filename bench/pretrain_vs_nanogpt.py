@@ -290,7 +290,7 @@ def main() -> int:
             "",
         )
     preset_val = preset_runs[0][2]
-    Console().print(table)
+    Console(width=200).print(table)
     speed_ok, loss_ok = kiln_rate / base_rate >= SPEED_BAR, preset_val <= LOSS_BAR
     print(
         f"speed bar (kiln >= {SPEED_BAR}x baseline tokens/s): {'PASS' if speed_ok else 'FAIL'} "

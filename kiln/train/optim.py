@@ -100,7 +100,7 @@ class Muon(torch.optim.Muon):
 
     torch runs the Newton-Schulz iteration in bf16, which is right on GPUs and on CPUs with AMX or
     AVX-512 BF16. Elsewhere (AVX2 CPUs, most laptops) bf16 matrix products are emulated and a Muon step
-    costs about 15 training steps; in fp32 it costs a fraction of one. The update rule and the state
+    costs about 15 training steps; in fp32 it costs about a third of one. The update rule and the state
     (`momentum_buffer`) are torch's, so checkpoints move freely between the two.
     """
 

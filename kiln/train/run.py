@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,19 @@ def plot_losses(run_dir: Path) -> Path | None:
     return path
 
 
+class _StepRate:
+    """Tokens/s over the last few seconds of steps, for the progress bar."""
+
+    def __init__(self, tokens_per_step: int, window: float = 5.0):
+        self.tokens_per_step, self.window, self.marks = tokens_per_step, window, []
+
+    def tokens_per_s(self, step: int) -> float:
+        now = time.perf_counter()
+        self.marks = [(s, t) for s, t in self.marks if now - t < self.window] + [(step, now)]
+        (first_step, first_time), (last_step, last_time) = self.marks[0], self.marks[-1]
+        return (last_step - first_step) * self.tokens_per_step / max(last_time - first_time, 1e-9)
+
+
 def train_and_report(
     data: PreparedCorpus, preset: str, settings: dict, limits: dict, out: Path, resume: bool = False
 ) -> Path:
@@ -128,6 +142,7 @@ def train_and_report(
         + (f", {run.train.threads or physical_cores()} threads" if device.type == "cpu" else "")
         + (", torch.compile" if run.train.compile else "")
     )
+    rate = _StepRate(tokens_per_step)
     steps_limit = run.train.max_iters or (run.train.max_tokens and -(-run.train.max_tokens // tokens_per_step))
     with progress_bar("training", total=steps_limit, unit="steps") as advance:
 
@@ -142,7 +157,9 @@ def train_and_report(
             data,
             out,
             resume=resume,
-            on_step=lambda step, loss: advance(1, f"training, loss {loss:.3f}"),
+            on_step=lambda step, loss: advance(
+                1, f"training, loss {loss:.3f}, {rate.tokens_per_s(step):,.0f} tokens/s"
+            ),
             on_estimate=estimate,
         )
     plot = plot_losses(out)
