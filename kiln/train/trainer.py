@@ -26,9 +26,15 @@ from kiln.train.hardware import autocast_dtype, flops_per_token, peak_flops, pic
 from kiln.train.optim import OptimConfig, build_optimizers, lr_factor, set_learning_rates
 
 METRICS_FILE = "metrics.jsonl"
-# A --max-time run sets its schedule length from the pace measured after these many steps of this
-# session, and refines it at the later ones (the first steps run slow, and a shared machine drifts).
-CALIBRATION_POINTS = (10, 30, 100, 300, 1000, 3000)
+# A --max-time run sets its schedule length from the pace measured over the first 10 steps of this
+# session, and refits it after 30, 100 and 300 steps and every 500 after that, from the pace since the
+# previous fit: the first steps run slow, and a shared machine drifts.
+FIRST_FITS = (10, 30, 100, 300)
+REFIT_EVERY = 500
+
+
+def _is_fit_point(steps_done: int) -> bool:
+    return steps_done in FIRST_FITS or (steps_done > 0 and steps_done % REFIT_EVERY == 0)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -147,7 +153,7 @@ def train(
 
     start = time.perf_counter() - elapsed_before
     evaluated_at = first_step = step
-    paces = {0: 0.0}  # steps into this session -> seconds spent in training steps to reach them
+    last_fit = (0, 0.0)  # (steps into this session, seconds spent in training steps) at the last fit
     session_step_seconds = 0.0
     train_config_steps = total_steps  # the iteration / token limit, which a time limit can only shorten
     step_seconds = 0.0  # time in training steps since the last evaluation, for tokens/s and MFU
@@ -217,11 +223,10 @@ def train(
         step += 1
         step_seconds += time.perf_counter() - step_start
         session_step_seconds += time.perf_counter() - step_start
-        if step - first_step in CALIBRATION_POINTS:
-            index = CALIBRATION_POINTS.index(step - first_step)
-            since = CALIBRATION_POINTS[index - 1] if index else 0
-            per_step = (session_step_seconds - paces[since]) / (step - first_step - since)
-            paces[step - first_step] = session_step_seconds
+        if _is_fit_point(step - first_step):
+            first_fit = last_fit[0] == 0
+            per_step = (session_step_seconds - last_fit[1]) / (step - first_step - last_fit[0])
+            last_fit = (step - first_step, session_step_seconds)
             # An evaluation runs 2 x eval_batches forward passes, each about a third of a training step.
             eval_seconds = 2 * train_config.eval_batches * per_step / 3
             per_step_with_evals = per_step + eval_seconds / train_config.eval_interval
@@ -230,7 +235,7 @@ def train(
                 left = train_config.max_time - (time.perf_counter() - start) - eval_seconds
                 by_time = step + max(1, int(left / per_step_with_evals))
                 total_steps = min(train_config_steps, by_time) if train_config_steps else by_time
-            if on_estimate and total_steps and not index:
+            if on_estimate and total_steps and first_fit:
                 on_estimate(total_steps, (total_steps - step) * per_step_with_evals + eval_seconds)
         if on_step:
             on_step(step, loss_sum)
