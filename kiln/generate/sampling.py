@@ -77,7 +77,7 @@ def generate(model, prompt: torch.Tensor, config: SamplingConfig, stop_ids: set[
     block = model.config.block_size
     tokens = prompt[:, -block:]
     cache = KVCache.for_model(model, batch_size=1)
-    logits, _ = model(tokens, cache=cache)
+    logits = model.decode(tokens, cache)
     history = prompt
     for _ in range(config.max_new_tokens):
         token = next_token(process_logits(logits[:, -1], history, config), config, generator)
@@ -87,9 +87,9 @@ def generate(model, prompt: torch.Tensor, config: SamplingConfig, stop_ids: set[
             return
         if cache.length == block:
             cache.reset()
-            logits, _ = model(history[:, -(block // 2) :], cache=cache)
+            logits = model.decode(history[:, -(block // 2) :], cache)
         else:
-            logits, _ = model(token, cache=cache)
+            logits = model.decode(token, cache)
 
 
 def stream_text(model, tokenizer, prompt: str, config: SamplingConfig, stop: list[str] | None = None) -> Iterator[str]:

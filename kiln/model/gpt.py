@@ -98,36 +98,43 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.rope = config.block_style == "llama"
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values as (batch, heads, time, head_dim), rotated when the model uses RoPE."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([C, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        kv_dim = self.kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.update(layer, k, v)
-        if self.kv_heads != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_head // self.kv_heads, dim=1)
-        if past == 0:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
-            )
-        else:
-            # New queries sit at positions past..past+T-1 and see every key up to their own position.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return q, k, v
+
+    def _expand_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_heads == self.n_head:
+            return k, v
+        repeats = self.n_head // self.kv_heads
+        return k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        """Training: every position attends to itself and the ones before it."""
+        q, k, v = self._project(x, rope)
+        k, v = self._expand_kv(k, v)
+        dropout = self.dropout if self.training else 0.0
+        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout))
+
+    def decode(self, x: torch.Tensor, rope, cache: KVCache, layer: int) -> torch.Tensor:
+        """Inference: the new positions attend to the cached ones and to each other, causally."""
+        q, k, v = self._project(x, rope)
+        past, T = cache.length, x.shape[1]
+        k, v = self._expand_kv(*cache.update(layer, k, v))
+        # New queries sit at positions past..past+T-1 and see every key up to their own position.
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,13 +183,17 @@ class Block(nn.Module):
         self.norm2, self.mlp = _norm(config), MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, cache=None, layer=0):
-        x = x + self.resid_dropout(self.attn(self.norm1(x), rope, cache, layer))
+    def forward(self, x, rope):
+        x = x + self.resid_dropout(self.attn(self.norm1(x), rope))
+        return x + self.mlp(self.norm2(x))
+
+    def decode(self, x, rope, cache: KVCache, layer: int):
+        x = x + self.attn.decode(self.norm1(x), rope, cache, layer)
         return x + self.mlp(self.norm2(x))
 
 
 class GPT(nn.Module):
-    """The language model. `forward(idx, targets)` trains; passing a KVCache makes it an inference step."""
+    """The language model. `forward(idx, targets)` trains; `decode(idx, cache)` is the inference step."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -219,30 +230,37 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - (self.wpe.weight.numel() if exclude_positions and self.wpe is not None else 0)
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position (and the mean cross-entropy when `targets` are given).
-
-        With a cache, `idx` continues the cached sequence: positions start at `cache.length`.
-        """
-        B, T = idx.shape
-        start = cache.length if cache is not None else 0
+    def _embed(self, idx: torch.Tensor, start: int):
+        """Token (and, for gpt2 blocks, position) embeddings from position `start`, and the RoPE tables."""
+        T = idx.shape[1]
         if start + T > self.config.block_size:
             raise ConfigError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         x = self.wte(idx)
-        rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            return x + self.wpe(torch.arange(start, start + T, device=idx.device)), None
+        return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training forward: logits for every position, and the mean cross-entropy when `targets`
+        are given (-100 marks a position to ignore)."""
+        x, rope = self._embed(idx, 0)
         x = self.drop(x)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
-        if cache is not None:
-            cache.advance(T)
+        for block in self.blocks:
+            x = block(x, rope)
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The inference step: `idx` continues the sequence in `cache` (a prefill, then one token at a
+        time); returns its logits and leaves the new keys and values in the cache."""
+        x, rope = self._embed(idx, cache.length)
+        for layer, block in enumerate(self.blocks):
+            x = block.decode(x, rope, cache, layer)
+        cache.advance(idx.shape[1])
+        return self.lm_head(self.norm_f(x))

@@ -35,6 +35,8 @@ REFIT_EVERY = 500
 
 def _is_fit_point(steps_done: int) -> bool:
     return steps_done in FIRST_FITS or (steps_done > 0 and steps_done % REFIT_EVERY == 0)
+
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 

@@ -44,8 +44,8 @@ def test_kv_cache_logits_equal_the_full_forward(style):
     with torch.no_grad():
         full, _ = model(idx)
         cache = KVCache.for_model(model, batch_size=2)
-        pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:9], cache=cache)[0]]  # prefill, then a chunk
-        pieces += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 20)]  # then one token at a time
+        pieces = [model.decode(idx[:, :5], cache), model.decode(idx[:, 5:9], cache)]  # prefill, then a chunk
+        pieces += [model.decode(idx[:, t : t + 1], cache) for t in range(9, 20)]  # then one token at a time
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 20
 
