@@ -145,10 +145,13 @@ def train_and_report(
     rate = _StepRate(tokens_per_step)
     steps_limit = run.train.max_iters or (run.train.max_tokens and -(-run.train.max_tokens // tokens_per_step))
     with progress_bar("training", total=steps_limit, unit="steps") as advance:
+        estimated = []
 
         def estimate(total_steps: int, seconds_left: float) -> None:
             advance(0, total=total_steps)
-            print(f"estimated run time: {format_duration(seconds_left)} more for {total_steps:,} steps", flush=True)
+            if not estimated:  # say it once; later refits only move the bar's end
+                print(f"estimated run time: {format_duration(seconds_left)} more for {total_steps:,} steps", flush=True)
+                estimated.append(seconds_left)
 
         result = train(
             run.model,

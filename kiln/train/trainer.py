@@ -111,7 +111,7 @@ def train(
     """Train a GPT on prepared data into `run_dir`.
 
     `on_step(step, loss)` is called after every step; `on_estimate(total_steps, seconds_left)` once the
-    first steps have been timed.
+    first 10 steps have been timed, and again whenever the pace is measured anew.
     """
     run_dir = Path(run_dir)
     if not (train_config.max_iters or train_config.max_tokens or train_config.max_time):
@@ -155,14 +155,17 @@ def train(
 
     start = time.perf_counter() - elapsed_before
     evaluated_at = first_step = step
-    last_fit = (0, 0.0)  # (steps into this session, seconds spent in training steps) at the last fit
-    session_step_seconds = 0.0
+    # For fitting a time limit: wall time outside evaluations (so loading, logging and callbacks count),
+    # and what the last evaluation-and-save cost.
+    eval_clock = {"total": 0.0, "last": None}
+    last_fit = (0, time.perf_counter())  # (steps into this session, wall time outside evaluations then)
     train_config_steps = total_steps  # the iteration / token limit, which a time limit can only shorten
     step_seconds = 0.0  # time in training steps since the last evaluation, for tokens/s and MFU
     # With a time limit and no schedule length yet (a new run, or one stopped before it calibrated).
     calibrate = bool(train_config.max_time) and (not resume or total_steps is None)
 
     def evaluate_and_save() -> float:  # reads the loop's step, timing, schedule length and best loss
+        began = time.perf_counter()
         train_loss = estimate_loss(model, train_eval, device, amp)
         val_loss = estimate_loss(model, val_eval, device, amp)
         elapsed = time.perf_counter() - start
@@ -195,6 +198,8 @@ def train(
         save_checkpoint(run_dir / "last", model, data.tokenizer, state, info)
         if val_loss < best_val:
             save_checkpoint(run_dir / "best", model, data.tokenizer, state, info)
+        eval_clock["last"] = time.perf_counter() - began
+        eval_clock["total"] += eval_clock["last"]
         return val_loss
 
     model.train()
@@ -224,20 +229,19 @@ def train(
             optimizer.zero_grad(set_to_none=True)
         step += 1
         step_seconds += time.perf_counter() - step_start
-        session_step_seconds += time.perf_counter() - step_start
         if _is_fit_point(step - first_step):
-            first_fit = last_fit[0] == 0
-            per_step = (session_step_seconds - last_fit[1]) / (step - first_step - last_fit[0])
-            last_fit = (step - first_step, session_step_seconds)
-            # An evaluation runs 2 x eval_batches forward passes, each about a third of a training step.
-            eval_seconds = 2 * train_config.eval_batches * per_step / 3
+            outside_evals = time.perf_counter() - eval_clock["total"]
+            per_step = (outside_evals - last_fit[1]) / (step - first_step - last_fit[0])
+            last_fit = (step - first_step, outside_evals)
+            # Before the first evaluation, guess it: 2 x eval_batches forward passes of ~1/3 step each.
+            eval_seconds = eval_clock["last"] or 2 * train_config.eval_batches * per_step / 3
             per_step_with_evals = per_step + eval_seconds / train_config.eval_interval
             if calibrate:
                 # Fit the schedule to the time left, so the decay ends as time runs out.
                 left = train_config.max_time - (time.perf_counter() - start) - eval_seconds
                 by_time = step + max(1, int(left / per_step_with_evals))
                 total_steps = min(train_config_steps, by_time) if train_config_steps else by_time
-            if on_estimate and total_steps and first_fit:
+            if on_estimate and total_steps:
                 on_estimate(total_steps, (total_steps - step) * per_step_with_evals + eval_seconds)
         if on_step:
             on_step(step, loss_sum)
