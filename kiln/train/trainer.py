@@ -26,6 +26,7 @@ from kiln.train.hardware import autocast_dtype, flops_per_token, peak_flops, pic
 from kiln.train.optim import OptimConfig, build_optimizers, lr_factor, set_learning_rates
 
 METRICS_FILE = "metrics.jsonl"
+PRECISIONS = ("auto", "fp32", "bf16")
 # A --max-time run sets its schedule length from the pace measured over the first 10 steps of this
 # session, and refits it after 30, 100 and 300 steps and every 500 after that, from the pace since the
 # previous fit: the first steps run slow, and a shared machine drifts.
@@ -35,9 +36,6 @@ REFIT_EVERY = 500
 
 def _is_fit_point(steps_done: int) -> bool:
     return steps_done in FIRST_FITS or (steps_done > 0 and steps_done % REFIT_EVERY == 0)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class TrainingDiverged(KilnError):
