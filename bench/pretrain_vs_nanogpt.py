@@ -143,9 +143,16 @@ def lr_at(step: int, iters: int) -> float:
 
 
 def run_baseline(data, iters: int, clock: TurnClock, threads: int, out: dict) -> None:
-    """nanoGPT's train.py loop, eager fp32."""
     torch.set_num_threads(threads)
     clock.start()
+    try:
+        out["model"] = _baseline_loop(data, iters, clock)
+    finally:  # on failure too, so the other side is not left waiting for its turn
+        clock.stop()
+
+
+def _baseline_loop(data, iters: int, clock: TurnClock) -> BaselineGPT:
+    """nanoGPT's train.py loop, eager fp32."""
     torch.manual_seed(1337)
     batches = torch.Generator().manual_seed(1337)  # its own stream: the other thread reseeds the global one
     train_tokens = torch.from_numpy(data.tokens("train").astype("int64"))
@@ -182,8 +189,7 @@ def run_baseline(data, iters: int, clock: TurnClock, threads: int, out: dict) ->
         loss.item()
         if (step + 1) % TURN_STEPS == 0:
             clock.yield_turn()
-    clock.stop()
-    out["model"] = model
+    return model
 
 
 def run_kiln(data, preset: str, settings: dict, run_dir: str, clock: TurnClock | None, out: dict) -> None:
