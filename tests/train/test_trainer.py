@@ -131,3 +131,13 @@ def test_bf16_autocast_trains_on_cpu_and_bad_precision_is_refused(verdict_char, 
         TrainConfig(precision="fp8")
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         TrainConfig(batch_size=0)
+
+
+def test_compiled_training_follows_the_eager_run(verdict_char, tmp_path):
+    eager = train(*configs(verdict_char, max_iters=8, eval_interval=8), verdict_char, tmp_path / "eager")
+    compiled = train(
+        *configs(verdict_char, max_iters=8, eval_interval=8, compile=True), verdict_char, tmp_path / "compiled"
+    )
+    assert compiled.steps == 8
+    # Inductor fuses and reorders float arithmetic, so the two agree closely but not bit for bit.
+    assert compiled.last_val_loss == pytest.approx(eager.last_val_loss, abs=1e-3)
