@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when this text appears (repeatable; \\n and \\t stand for newline and tab)",
     )
     sa.add_argument("--num-samples", type=int, default=1)
+
+    ft = commands.add_parser(
+        "finetune", parents=common, help="fine-tune a checkpoint to follow instructions (full or LoRA)"
+    )
+    ft.add_argument("base", help="the checkpoint to start from, e.g. RUN_DIR/best")
+    ft.add_argument("--data", required=True, help="instruction data: a data-set name or a .json/.jsonl file")
+    ft.add_argument("--format", choices=["alpaca", "dolly", "qa", "chat"], help="record format (default: detected)")
+    ft.add_argument("--template", choices=["alpaca", "chat"], help="prompt template (default: chat for chat data)")
+    ft.add_argument("--out", required=True, help="run folder: best/ (checkpoint or adapter), metrics.jsonl")
+    ft.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank instead of every weight")
+    ft.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default 16)")
+    ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
+    ft.add_argument("--lora-targets", choices=["attn", "mlp", "all"], default="attn", help="layers that get adapters")
+    ft.add_argument("--epochs", type=float, help="passes over the training split (default 2)")
+    ft.add_argument("--max-iters", type=int, help="stop after this many steps")
+    ft.add_argument("--max-time", help="stop after this long, e.g. 90s, 2m")
+    ft.add_argument("--early-stop", type=int, help="stop after this many evaluations without a better val loss")
+    ft.add_argument("--prompt-loss", action="store_true", help="also take loss on prompt tokens")
+    ft.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set lr=1e-3 --set block_size=512"
+    )
+
+    ch = commands.add_parser("chat", parents=common, help="talk to a checkpoint in the terminal, streamed")
+    ch.add_argument("checkpoint", help="a checkpoint or adapter folder, e.g. RUN_DIR/best")
+    ch.add_argument("--system", help="a system message to start with")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    ch.add_argument("--top-k", type=int, default=50)
+    ch.add_argument("--top-p", type=float)
+    ch.add_argument("--max-new-tokens", type=int, default=200)
+    ch.add_argument("--repetition-penalty", type=float, default=1.0)
+    ch.add_argument("--seed", type=int)
+
+    mg = commands.add_parser("merge", parents=common, help="fold a LoRA adapter into its base: a full checkpoint")
+    mg.add_argument("adapter", help="an adapter folder that `kiln finetune --lora-r` wrote")
+    mg.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    mg.add_argument("--base", help="the base checkpoint, if it has moved since the adapter was trained")
 
     demo = commands.add_parser(
         "demo", parents=common, help="the main job: prepare Tiny Shakespeare, train a model on it for 3 minutes, sample"
@@ -280,6 +317,59 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, stops))
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from kiln.config import parse_overrides
+    from kiln.finetune.run import finetune_and_report
+    from kiln.model.lora import LoraSettings
+    from kiln.train.run import parse_duration
+
+    settings = parse_overrides(args.set)
+    for key, value in (
+        ("epochs", args.epochs),
+        ("max_iters", args.max_iters),
+        ("max_time", parse_duration(args.max_time) if args.max_time else None),
+        ("early_stop", args.early_stop),
+        ("prompt_loss", args.prompt_loss or None),
+        ("template", args.template),
+    ):
+        if value is not None:
+            settings[key] = value
+    lora = None
+    if args.lora_r is not None:
+        lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    best = finetune_and_report(args.base, args.data, Path(args.out), settings, lora, args.format, args.data_dir)
+    print(f"\nchat with it: kiln chat {best}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from kiln.generate.chat import ChatSession, chat_loop
+    from kiln.generate.sampling import SamplingConfig
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (arrow keys and history at the prompt)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    session = ChatSession.from_checkpoint(args.checkpoint, system=args.system, sampling=sampling)
+    chat_loop(session, interactive=sys.stdin.isatty())
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from kiln.train.checkpoint import is_adapter, load_checkpoint, save_checkpoint
+
+    if not is_adapter(args.adapter):
+        raise KilnError(f"{args.adapter}: not a Kiln LoRA adapter folder (its config.json says otherwise)")
+    checkpoint = load_checkpoint(args.adapter, base=args.base)
+    info = {k: v for k, v in checkpoint.info.items() if k in ("template", "finetune")}
+    folder = save_checkpoint(args.out, checkpoint.model, checkpoint.tokenizer, info=info)
+    print(f"merged {args.adapter} into {checkpoint.info['base'] if not args.base else args.base} -> {folder}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from kiln.demo import run_demo
     from kiln.train.run import parse_duration
@@ -295,6 +385,9 @@ COMMANDS = {
     ("presets", None): cmd_presets,
     ("train", None): cmd_train,
     ("sample", None): cmd_sample,
+    ("finetune", None): cmd_finetune,
+    ("chat", None): cmd_chat,
+    ("merge", None): cmd_merge,
     ("demo", None): cmd_demo,
 }
 

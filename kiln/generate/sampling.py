@@ -92,13 +92,18 @@ def generate(model, prompt: torch.Tensor, config: SamplingConfig, stop_ids: set[
             logits = model.decode(token, cache)
 
 
-def stream_text(model, tokenizer, prompt: str, config: SamplingConfig, stop: list[str] | None = None) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text, piece by piece, ending at EOS or a stop string.
+def stream_text(
+    model, tokenizer, prompt: str | list[int], config: SamplingConfig, stop: list[str] | None = None
+) -> Iterator[str]:
+    """Yield the continuation of `prompt` (text, or token ids) as text, piece by piece, ending at EOS or
+    a stop string.
 
     Text is released only once it decodes cleanly, so a character split across byte-level tokens is
     never printed half-made; a stop string is cut off and not shown.
     """
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+    ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [
+        tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    ]
     device = next(model.parameters()).device
     stop = [s for s in stop or [] if s]
     new_ids: list[int] = []
@@ -124,6 +129,19 @@ def stream_text(model, tokenizer, prompt: str, config: SamplingConfig, stop: lis
     final = tokenizer.decode(new_ids)
     if len(final) > len(shown):
         yield final[len(shown) :]
+
+
+def stream_reply(
+    model, tokenizer, template, messages: list, config: SamplingConfig, stop: list[str] | None = None
+) -> Iterator[str]:
+    """The model's next turn after `messages` (kiln.data.instructions.Message), written out with the
+    model's prompt template, as streamed text. The prompt is cut from the left to leave room for the
+    answer within the context window."""
+    from kiln.data.templates import encode_pieces
+
+    ids = encode_pieces(template.render(messages, generation_prompt=True), tokenizer).ids
+    room = max(model.config.block_size - config.max_new_tokens, model.config.block_size // 2)
+    return stream_text(model, tokenizer, ids[-room:], config, stop)
 
 
 def print_stream(pieces: Iterable[str]) -> None:

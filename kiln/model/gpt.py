@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ BLOCK_STYLES = ("gpt2", "llama")
 # gpt2 blocks' MLP activation: exact GELU (nanoGPT's, and about 2x faster on CPU than the tanh form) or
 # GPT-2's own tanh approximation (what OpenAI's weights were trained with; transformers' "gelu_new").
 ACTIVATIONS = ("gelu", "gelu_tanh")
+RENAMED = {"tie_weights": "tie_word_embeddings"}  # settings read from configs written before a rename
 
 
 @dataclass
@@ -37,7 +38,7 @@ class GPTConfig:
     bias: bool = True
     block_style: str = "gpt2"
     activation: str = "gelu"
-    tie_weights: bool = True
+    tie_word_embeddings: bool = True  # transformers' name, which peft reads too
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -78,6 +79,7 @@ class GPTConfig:
     def from_dict(cls, values: dict) -> GPTConfig:
         """Build from a dict (config.json, --set overrides); unknown keys get a close-name suggestion."""
         known = {f.name for f in fields(cls)}
+        values = {RENAMED.get(k, k): v for k, v in values.items()}
         for key in values:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
@@ -195,6 +197,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """The language model. `forward(idx, targets)` trains; `decode(idx, cache)` is the inference step."""
 
+    # What peft (and transformers) look for to keep a tied output head tied to the embedding.
+    _tied_weights_keys = ["lm_head.weight"]
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -204,7 +209,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = _norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_weights:
+        if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
         if config.block_style == "llama":
             cos, sin = rope_tables(config, config.block_size)
@@ -224,6 +229,53 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the vocabulary to `vocab_size` ids (for tokens added by fine-tuning). Existing rows are
+        kept; a new row starts at the mean of the old ones, so a new token begins as an average token
+        rather than a random one that would dominate the softmax."""
+        old = self.config.vocab_size
+        if vocab_size == old:
+            return
+        if vocab_size < old:
+            raise ConfigError(f"cannot shrink the vocabulary from {old} to {vocab_size} ids")
+        weight = self.wte.weight
+        grown = torch.cat([weight, weight.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)])
+        self.wte = nn.Embedding(vocab_size, self.config.n_embd, device=weight.device, dtype=weight.dtype)
+        self.wte.weight.copy_(grown)
+        if self.config.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.config.n_embd, vocab_size, bias=False, device=weight.device)
+            self.lm_head.weight = self.wte.weight
+        else:
+            head = self.lm_head.weight
+            self.lm_head = nn.Linear(self.config.n_embd, vocab_size, bias=False, device=head.device, dtype=head.dtype)
+            self.lm_head.weight.copy_(torch.cat([head, head.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)]))
+        self.config = replace(self.config, vocab_size=vocab_size)
+
+    def resize_context(self, block_size: int) -> None:
+        """Change the context length. RoPE models take any length (the rotation tables are recomputed;
+        fine-tuning at the new length adapts the model to it); learned positions cannot grow."""
+        if block_size == self.config.block_size:
+            return
+        if self.wpe is not None:
+            if block_size > self.config.block_size:
+                raise ConfigError(
+                    f"block_size {block_size}: this gpt2-style model learned {self.config.block_size} positions "
+                    "and cannot take more; llama-style (RoPE) models can"
+                )
+            self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].clone())
+            self.wpe.num_embeddings = block_size
+        self.config = replace(self.config, block_size=block_size)
+        if self.wpe is None:
+            cos, sin = rope_tables(self.config, block_size, device=self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos, sin
 
     def num_params(self, exclude_positions: bool = False) -> int:
         """Parameter count (a tied head counted once), optionally without the position table."""

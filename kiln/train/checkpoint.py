@@ -5,6 +5,7 @@ folder is written atomically, so a save killed half way leaves the previous chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.model.gpt import GPT, GPTConfig
 
 CHECKPOINT_MARK = "checkpoint"
+ADAPTER_MARK = "adapter"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -92,20 +94,65 @@ def _write_checkpoint(
             )
 
 
-def is_checkpoint(folder: str | os.PathLike) -> bool:
+def _mark(folder: str | os.PathLike) -> str | None:
     try:
-        return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("kiln") == CHECKPOINT_MARK
+        return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("kiln")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
 
 
-def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model (and tokenizer and training state, when saved) from a checkpoint folder."""
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    return _mark(folder) == CHECKPOINT_MARK
+
+
+def is_adapter(folder: str | os.PathLike) -> bool:
+    return _mark(folder) == ADAPTER_MARK
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 of a checkpoint's weights file: what an adapter records of the base it was trained on."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS_FILE, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_adapter(
+    folder: str | os.PathLike, peft_model, base: str | os.PathLike, tokenizer: Tokenizer, info: dict | None = None
+) -> Path:
+    """Write a LoRA adapter folder: peft's adapter files, the tokenizer, and a config.json naming the
+    base checkpoint (path and weights checksum) and the model shape the adapter applies to."""
     folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing about this run
+        config = {
+            "kiln": ADAPTER_MARK,
+            "format_version": 1,
+            "created_by": f"kiln {kiln.__version__}",
+            "base": str(Path(base).resolve()),
+            "base_sha256": weights_fingerprint(base),
+            "model": peft_model.get_base_model().config.to_dict(),
+            **(info or {}),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer.save(tmp / TOKENIZER_DIR)
+    return folder
+
+
+def load_checkpoint(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", base: str | os.PathLike | None = None
+) -> Checkpoint:
+    """Rebuild the model (and tokenizer and training state, when saved) from a checkpoint folder. An
+    adapter folder is applied to its base checkpoint (or `base`) and merged into it."""
+    folder = Path(folder)
+    if is_adapter(folder):
+        return _load_adapter(folder, device, base)
     if not is_checkpoint(folder):
         raise ConfigError(
             f"{folder}: not a Kiln checkpoint (no Kiln {CONFIG_FILE}); give a folder that "
-            "`kiln train` wrote, such as RUN_DIR/last"
+            "`kiln train` or `kiln finetune` wrote, such as RUN_DIR/best"
         )
     info = json.loads((folder / CONFIG_FILE).read_text())
     model = GPT(GPTConfig.from_dict(info["model"]))
@@ -125,6 +172,29 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu
         ]
         state = TrainingState(optimizers=optimizers, progress=meta["progress"], rng=tensors.get("rng.torch"))
     return Checkpoint(model.to(device), tokenizer, info, state)
+
+
+def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathLike | None) -> Checkpoint:
+    from kiln.model.lora import load_lora, merge_lora
+
+    info = json.loads((folder / CONFIG_FILE).read_text())
+    base = Path(base or info["base"])
+    if not is_checkpoint(base):
+        raise ConfigError(
+            f"{folder}: its base checkpoint {base} is not there or not a Kiln checkpoint; "
+            "pass the base folder with --base"
+        )
+    if weights_fingerprint(base) != info["base_sha256"]:
+        raise ConfigError(
+            f"{folder}: this adapter was trained on other weights than {base} holds "
+            f"(sha256 {info['base_sha256'][:12]}...); give the base it was trained on"
+        )
+    checkpoint = load_checkpoint(base, device)
+    model, shape = checkpoint.model, GPTConfig.from_dict(info["model"])
+    model.resize_vocab(shape.vocab_size)
+    model.resize_context(shape.block_size)
+    merged = merge_lora(load_lora(model, str(folder)))
+    return Checkpoint(merged.to(device), load_tokenizer(folder / TOKENIZER_DIR), info, None)
 
 
 def _split_optimizer(state_dict: dict, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -136,5 +136,5 @@ def flops_per_token(config: GPTConfig) -> float:
     products (PaLM appendix B), counting the full T x T square as PaLM and nanoGPT do."""
     with torch.device("meta"):
         params = GPT(config).num_params(exclude_positions=True)
-    embedding = config.vocab_size * config.n_embd if not config.tie_weights else 0
+    embedding = config.vocab_size * config.n_embd if not config.tie_word_embeddings else 0
     return 6 * (params - embedding) + 12 * config.n_layer * config.n_embd * config.block_size

@@ -50,10 +50,12 @@ class ParameterGroups:
 
 
 def parameter_groups(model: nn.Module) -> ParameterGroups:
-    """Split the model's parameters (a tied head counted once) by how they should be optimised."""
+    """Split the model's trainable parameters (a tied head counted once) by how they should be optimised."""
     groups = ParameterGroups([], [], [])
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # frozen, as a LoRA base is
+            continue
         if param.ndim < 2 or id(param) in embeddings:
             groups.no_decay.append(param)
         elif name.startswith("blocks."):
@@ -72,6 +74,7 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
             {"params": groups.hidden_matrices + groups.other_matrices, "weight_decay": config.weight_decay},
             {"params": groups.no_decay, "weight_decay": 0.0},
         ]
+        adamw_groups = [g for g in adamw_groups if g["params"]]
         optimizers = [torch.optim.AdamW(adamw_groups, lr=config.lr, betas=betas, fused=_fused_ok(model))]
     else:
         muon = Muon(

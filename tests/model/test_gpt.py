@@ -16,7 +16,7 @@ SMALL = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 STYLES = {
     "gpt2": GPTConfig(**SMALL),
     "llama": GPTConfig(**SMALL, block_style="llama", bias=False),
-    "llama-gqa": GPTConfig(**SMALL, block_style="llama", bias=False, n_kv_head=2, tie_weights=False),
+    "llama-gqa": GPTConfig(**SMALL, block_style="llama", bias=False, n_kv_head=2, tie_word_embeddings=False),
 }
 
 
@@ -33,7 +33,7 @@ def test_gpt2_124m_has_gpt2s_parameter_count():
 
 
 def test_untied_head_adds_one_embedding_table():
-    tied, untied = GPT(GPTConfig(**SMALL)), GPT(GPTConfig(**SMALL, tie_weights=False))
+    tied, untied = GPT(GPTConfig(**SMALL)), GPT(GPTConfig(**SMALL, tie_word_embeddings=False))
     assert untied.num_params() - tied.num_params() == 97 * 32
 
 

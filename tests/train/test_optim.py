@@ -24,7 +24,7 @@ def test_groups_keep_norms_biases_and_embeddings_out_of_weight_decay():
 
 
 def test_untied_head_is_decayed_but_not_given_to_muon():
-    model = GPT(GPTConfig(**SMALL, tie_weights=False))
+    model = GPT(GPTConfig(**SMALL, tie_word_embeddings=False))
     assert [p is model.lm_head.weight for p in parameter_groups(model).other_matrices] == [True]
     muon, adamw = build_optimizers(model, OptimConfig(optimizer="muon"))
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)

@@ -34,7 +34,20 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Ids for `text`; special-token text in it is encoded as ordinary text."""
+        """Ids for `text` (a corpus); special-token text in it becomes the special token."""
+
+    @abstractmethod
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids for `text` with special-token text spelled out as ordinary text: for what a user types,
+        so that typing `<|endoftext|>` cannot end a turn or forge a role."""
+
+    def with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> Tokenizer:
+        """This tokenizer with the given special tokens (and, for char vocabularies, characters) added
+        after its last id; itself when nothing is missing. Existing ids keep their meaning."""
+        missing = [s for s in specials if s not in self.special_tokens]
+        if missing:
+            raise TokenizerError(f"a {self.kind} tokenizer cannot take new tokens ({', '.join(missing)})")
+        return self
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:

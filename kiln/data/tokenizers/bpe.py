@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -58,10 +59,27 @@ class BPETokenizer(Tokenizer):
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        return {t: self.hf.token_to_id(t) for t in SPECIAL_TOKENS if self.hf.token_to_id(t) is not None}
+        return {token.content: i for i, token in self.hf.get_added_tokens_decoder().items() if token.special}
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _plain(self) -> HFTokenizer:
+        plain = HFTokenizer.from_str(self.hf.to_str())
+        plain.encode_special_tokens = True  # special-token text is split like any other text
+        return plain
+
+    def with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> BPETokenizer:
+        new = [s for s in specials if s not in self.special_tokens]
+        if not new:
+            return self
+        grown = HFTokenizer.from_str(self.hf.to_str())
+        grown.add_special_tokens(new)
+        return BPETokenizer(grown)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch runs on every core (Rust threads).

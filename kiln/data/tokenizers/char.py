@@ -13,6 +13,7 @@ from kiln.data.tokenizers.base import Tokenizer
 from kiln.errors import TokenizerError
 
 UNK = "<unk>"
+Added = tuple[str, bool]  # (text, is_special)
 
 
 class CharTokenizer(Tokenizer):
@@ -20,23 +21,37 @@ class CharTokenizer(Tokenizer):
 
     kind = "char"
 
-    def __init__(self, chars: Iterable[str], specials: Sequence[str] = (), unk: bool = False):
+    def __init__(
+        self, chars: Iterable[str], specials: Sequence[str] = (), unk: bool = False, added: Sequence[Added] = ()
+    ):
         self.chars = sorted(set(chars))
         if any(len(c) != 1 for c in self.chars):
             raise TokenizerError("a char vocabulary holds single characters only")
         names = list(specials) + ([UNK] if unk and UNK not in specials else [])
         self._specials = {name: len(self.chars) + i for i, name in enumerate(names)}
+        # Tokens added after the vocabulary was built (by fine-tuning) take the next ids, in order, so
+        # every id a trained model knows keeps its meaning.
+        self.added = [(text, bool(special)) for text, special in added]
+        pieces = {c: i for i, c in enumerate(self.chars)}
+        for offset, (text, special) in enumerate(self.added):
+            if text in pieces or text in self._specials or (not special and len(text) != 1):
+                raise TokenizerError(f"cannot add {text!r} to the char vocabulary: it is there already or not one char")
+            if special:
+                self._specials[text] = len(self.chars) + len(names) + offset
+            else:
+                pieces[text] = len(self.chars) + len(names) + offset
         self.unk_id = self._specials.get(UNK)
-        self._lookup = np.full(max((ord(c) for c in self.chars), default=0) + 1, -1, dtype=np.int64)
-        for i, c in enumerate(self.chars):
+        self._lookup = np.full(max((ord(c) for c in pieces), default=0) + 1, -1, dtype=np.int64)
+        for c, i in pieces.items():
             self._lookup[ord(c)] = i
+        self._pieces = {i: c for c, i in pieces.items()}
         self._names = {i: name for name, i in self._specials.items()}
         matchable = [re.escape(n) for n in self._specials if n != UNK]
         self._special_pattern = re.compile("(" + "|".join(matchable) + ")") if matchable else None
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars) + len(self._specials)
+        return len(self._pieces) + len(self._specials)
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -44,6 +59,21 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.encode_to_arrays([text])[0].tolist()
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self._encode_array(text).tolist()
+
+    def with_added(self, chars: Iterable[str] = (), specials: Sequence[str] = ()) -> CharTokenizer:
+        new = [(c, False) for c in sorted(set(chars)) if self._lookup_id(c) is None]
+        new += [(name, True) for name in specials if name not in self._specials]
+        if not new:
+            return self
+        original = [n for n in self._specials if n not in dict(self.added)]
+        return CharTokenizer(self.chars, [n for n in original if n != UNK], UNK in original, self.added + new)
+
+    def _lookup_id(self, char: str) -> int | None:
+        code = ord(char)
+        return int(self._lookup[code]) if code < len(self._lookup) and self._lookup[code] >= 0 else None
 
     def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self._encode_with_specials(t) for t in texts]
@@ -78,20 +108,22 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
-            return "".join(self._names.get(i) or self.chars[i] for i in ids)
-        except IndexError:
+            return "".join(self._names.get(i) or self._pieces[i] for i in ids)
+        except KeyError:
             raise TokenizerError(f"an id is outside this char vocabulary of {self.vocab_size} tokens") from None
 
     def _identity(self) -> bytes:
-        return json.dumps([self.chars, self._specials], ensure_ascii=False).encode()
+        identity = [self.chars, self._specials] + ([self.added] if self.added else [])
+        return json.dumps(identity, ensure_ascii=False).encode()
 
     def _save_files(self, folder: Path) -> dict:
         return {
             "chars": "".join(self.chars),
-            "specials": [n for n in self._specials if n != UNK],
-            "unk": self.unk_id is not None,
+            "specials": [n for n in self._specials if n != UNK and n not in dict(self.added)],
+            "unk": UNK in self._specials and UNK not in dict(self.added),
+            "added": [[text, special] for text, special in self.added],
         }
 
     @classmethod
     def from_meta(cls, meta: dict, folder: Path) -> CharTokenizer:
-        return cls(meta["chars"], meta.get("specials", ()), unk=meta.get("unk", False))
+        return cls(meta["chars"], meta.get("specials", ()), meta.get("unk", False), meta.get("added", ()))

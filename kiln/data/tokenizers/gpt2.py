@@ -23,8 +23,17 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 ENCODER_FILE, MERGES_FILE = "encoder.json", "vocab.bpe"
 
 
+@functools.lru_cache(maxsize=8)
+def _encoding(encoder_json: str, vocab_bpe: str, added: tuple[str, ...] = ()) -> tiktoken.Encoding:
+    """GPT-2's encoding; `added` special tokens take ids 50257, 50258, ... in order."""
+    specials = {EOS: 50256} | {name: 50257 + i for i, name in enumerate(added)}
+    return tiktoken.Encoding(
+        "gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=_ranks(encoder_json, vocab_bpe), special_tokens=specials
+    )
+
+
 @functools.lru_cache(maxsize=4)
-def _encoding(encoder_json: str, vocab_bpe: str) -> tiktoken.Encoding:
+def _ranks(encoder_json: str, vocab_bpe: str) -> dict[bytes, int]:
     files = get_dataset("gpt2-tokenizer").files
     try:
         ranks = data_gym_to_mergeable_bpe_ranks(
@@ -38,7 +47,7 @@ def _encoding(encoder_json: str, vocab_bpe: str) -> tiktoken.Encoding:
             f"{Path(encoder_json).parent}: not GPT-2's encoder.json + vocab.bpe ({e}); "
             "`kiln data get gpt2-tokenizer` fetches the real files"
         ) from None
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOS: 50256})
+    return ranks
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -46,9 +55,9 @@ class GPT2Tokenizer(Tokenizer):
 
     kind = "gpt2"
 
-    def __init__(self, encoder_json: Path, vocab_bpe: Path):
-        self.encoder_json, self.vocab_bpe = Path(encoder_json), Path(vocab_bpe)
-        self._enc = _encoding(str(self.encoder_json), str(self.vocab_bpe))
+    def __init__(self, encoder_json: Path, vocab_bpe: Path, added: tuple[str, ...] = ()):
+        self.encoder_json, self.vocab_bpe, self.added = Path(encoder_json), Path(vocab_bpe), tuple(added)
+        self._enc = _encoding(str(self.encoder_json), str(self.vocab_bpe), self.added)
 
     @classmethod
     def resolve(cls, data_dir: str | os.PathLike | None = None) -> GPT2Tokenizer:
@@ -62,10 +71,17 @@ class GPT2Tokenizer(Tokenizer):
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        return {EOS: self._enc.eot_token}
+        return {EOS: self._enc.eot_token} | {name: 50257 + i for i, name in enumerate(self.added)}
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special="all")
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> GPT2Tokenizer:
+        new = tuple(s for s in specials if s not in self.special_tokens)
+        return GPT2Tokenizer(self.encoder_json, self.vocab_bpe, self.added + new) if new else self
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._enc.encode_batch(list(texts), allowed_special="all", num_threads=os.cpu_count() or 1)
@@ -80,14 +96,15 @@ class GPT2Tokenizer(Tokenizer):
 
     def _identity(self) -> bytes:
         files = get_dataset("gpt2-tokenizer").files
-        return f"gpt2:{files['encoder'].sha256}:{files['merges'].sha256}".encode()
+        added = "".join(f":{name}" for name in self.added)
+        return f"gpt2:{files['encoder'].sha256}:{files['merges'].sha256}{added}".encode()
 
     def _save_files(self, folder: Path) -> dict:
         for source, name in ((self.encoder_json, ENCODER_FILE), (self.vocab_bpe, MERGES_FILE)):
             if source.resolve() != (folder / name).resolve():
                 shutil.copyfile(source, folder / name)
-        return {}
+        return {"added": list(self.added)} if self.added else {}
 
     @classmethod
     def from_meta(cls, meta: dict, folder: Path) -> GPT2Tokenizer:
-        return cls(folder / ENCODER_FILE, folder / MERGES_FILE)
+        return cls(folder / ENCODER_FILE, folder / MERGES_FILE, tuple(meta.get("added", ())))

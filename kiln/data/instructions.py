@@ -1,0 +1,228 @@
+"""Instruction data: Alpaca, Dolly, question/answer and chat-messages records, read into one shape.
+
+Every record becomes a `Conversation`: a list of `Message`s (system, user, assistant turns) ending with
+the assistant's answer. A user turn may carry a `context` (Alpaca's `input`, Dolly's `context`), which the
+Alpaca template shows under its own heading. Formats are told apart by their fields; a record that does
+not fit is a DataError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kiln.data.fetch import resolve_dataset
+from kiln.data.registry import DATASETS, get_dataset
+from kiln.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    context: str = ""  # extra input shown with a user turn
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    source: str = ""  # "file:line", for messages about this record
+
+    @property
+    def response(self) -> str:
+        """The final assistant turn: what the model learns to write, and the reference it is scored on."""
+        return self.messages[-1].content
+
+    def prompt_messages(self) -> list[Message]:
+        return self.messages[:-1]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    # A format is chosen when a record has all of `required` and any of `marks` (or no marks given).
+    marks: tuple[str, ...] = ()
+    description: str = ""
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        Format("chat", ("messages",), description="messages: [{role, content}, ...]"),
+        Format("alpaca", ("instruction", "output"), ("input",), description="instruction, input, output"),
+        Format(
+            "dolly",
+            ("instruction", "response"),
+            ("context", "category"),
+            marks=("context", "category"),
+            description="instruction, context, response, category",
+        ),
+        Format("qa", ("question", "answer"), description="question, answer"),
+        Format("qa-instruction", ("instruction", "response"), description="instruction, response"),
+    )
+}
+FORMAT_NAMES = ("alpaca", "dolly", "qa", "chat")  # what --format accepts; qa covers both of its spellings
+
+
+def detect_format(record: dict, where: str) -> Format:
+    """The format a record's fields say it is in."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
+    for fmt in FORMATS.values():
+        if all(k in record for k in fmt.required) and (not fmt.marks or any(k in record for k in fmt.marks)):
+            return fmt
+    accepted = "; ".join(f"{f.name} ({f.description})" for f in FORMATS.values() if f.name != "qa-instruction")
+    accepted += "; qa may also be instruction, response"
+    raise DataError(f"{where}: fields {sorted(record)} match no instruction format; accepted formats: {accepted}")
+
+
+def _text(record: dict, key: str, where: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None or (isinstance(value, str) and not value.strip() and required):
+        if required:
+            raise DataError(f"{where}: the record has no '{key}' (or it is empty); every record needs one")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' should be text, not {type(value).__name__}")
+    return value
+
+
+def to_conversation(record: dict, fmt: Format, where: str) -> Conversation:
+    """One record in format `fmt` as a Conversation."""
+    if fmt.name == "chat":
+        return _chat_conversation(record, where)
+    if fmt.name == "qa":
+        prompt, context, response = _text(record, "question", where), "", _text(record, "answer", where)
+    elif fmt.name == "alpaca":
+        prompt, response = _text(record, "instruction", where), _text(record, "output", where)
+        context = _text(record, "input", where, required=False)
+    else:  # dolly, qa-instruction
+        prompt, response = _text(record, "instruction", where), _text(record, "response", where)
+        context = _text(record, "context", where, required=False)
+    return Conversation([Message("user", prompt, context), Message("assistant", response)], where)
+
+
+def _chat_conversation(record: dict, where: str) -> Conversation:
+    turns = record["messages"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'messages' should be a non-empty list of {{role, content}} objects")
+    messages = []
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise DataError(f"{where}: message {number} needs 'role' and 'content'")
+        if turn["role"] not in ROLES:
+            raise DataError(f"{where}: message {number} has role {turn['role']!r}; use one of {', '.join(ROLES)}")
+        if turn["role"] == "system" and number != 1:
+            raise DataError(f"{where}: message {number} is a system message; only the first may be one")
+        if not isinstance(turn["content"], str):
+            raise DataError(f"{where}: message {number}'s content should be text")
+        messages.append(Message(turn["role"], turn["content"]))
+    if messages[-1].role != "assistant" or not messages[-1].content.strip():
+        raise DataError(f"{where}: the last message should be the assistant's (non-empty) response")
+    if not any(m.role == "user" for m in messages):
+        raise DataError(f"{where}: the conversation has no user message")
+    return Conversation(messages, where)
+
+
+@dataclass
+class InstructionData:
+    conversations: list[Conversation]
+    format: str
+    source: str
+    skipped: int = 0
+    details: dict = field(default_factory=dict)
+
+    def split(self, fractions: tuple[float, float, float] = (0.85, 0.10, 0.05), seed: int = 123) -> dict:
+        """Shuffle by `seed` and cut into train/val/test (LLMs-from-scratch ch. 7 uses 85/10/5).
+
+        Val and test take their rounded-down share; train takes the rest, so no example is lost.
+        """
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise DataError(f"split fractions {fractions} should be three non-negative numbers adding up to 1")
+        order = np.random.default_rng(seed).permutation(len(self.conversations))
+        n = len(order)
+        n_val, n_test = int(n * fractions[1]), int(n * fractions[2])
+        n_train = n - n_val - n_test
+        pick = [self.conversations[i] for i in order]
+        return {"train": pick[:n_train], "val": pick[n_train : n_train + n_val], "test": pick[n_train + n_val :]}
+
+
+def _records(path: Path) -> Iterator[tuple[object, str]]:
+    """(record, 'file:line') for a JSON array file or a JSONL file."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        for number, record in enumerate(records, 1):
+            yield record, f"{path} record {number}"
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line), f"{path}:{number}"
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); each line should be one JSON object") from None
+
+
+def instruction_file(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
+    """A local file for a data-set name (through the mirror, cache or a download) or a path."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if str(spec) in DATASETS:
+        dataset = get_dataset(str(spec))
+        if dataset.format != "instructions":
+            raise DataError(f"'{dataset.name}' is running text, not instruction records; pretrain on it instead")
+        return resolve_dataset(dataset, data_dir)["text"]
+    if path.exists():
+        raise DataError(f"{path}: is a folder; give one .json or .jsonl file of instruction records")
+    get_dataset(str(spec))  # raises with close names
+    raise AssertionError("unreachable")
+
+
+def load_instructions(
+    spec: str | os.PathLike, data_dir: str | os.PathLike | None = None, format: str | None = None
+) -> InstructionData:
+    """Read every record of an instruction file (format detected from the first record unless named)."""
+    if format is not None and format not in FORMAT_NAMES:
+        raise DataError(f"--format {format}: choose one of {', '.join(FORMAT_NAMES)}")
+    path = instruction_file(spec, data_dir)
+    conversations, chosen = [], None
+    for record, where in _records(path):
+        if chosen is None:
+            chosen = detect_format(record, where)
+            if format is not None and not chosen.name.startswith(format):
+                chosen = _named_format(format, record, where)
+        elif not isinstance(record, dict):
+            raise DataError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
+        elif missing := [k for k in chosen.required if k not in record]:
+            raise DataError(
+                f"{where}: fields {sorted(record)} lack {missing}, which the {chosen.name} format "
+                "(set by the first record) needs"
+            )
+        conversations.append(to_conversation(record, chosen, where))
+    if not conversations:
+        raise DataError(f"{path}: has no records")
+    return InstructionData(conversations, chosen.name.split("-")[0], str(path))
+
+
+def _named_format(name: str, record: dict, where: str) -> Format:
+    candidates = [f for f in FORMATS.values() if f.name.split("-")[0] == name]
+    for fmt in candidates:
+        if all(k in record for k in fmt.required):
+            return fmt
+    needed = " or ".join(str(list(f.required)) for f in candidates)
+    raise DataError(f"{where}: --format {name} needs the fields {needed}; this record has {sorted(record)}")

@@ -1,0 +1,1 @@
+"""Instruction fine-tuning: examples to masked batches, the SFT loop, LoRA runs."""

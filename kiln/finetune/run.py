@@ -1,0 +1,143 @@
+"""What `kiln finetune` does around the loop: load the base and the data, make room in the vocabulary
+for the template's tokens, wrap LoRA adapters, train with a progress bar, and report."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from kiln.config import apply_settings
+from kiln.data.instructions import InstructionData, load_instructions
+from kiln.data.templates import Template, get_template
+from kiln.data.tokenizers import Tokenizer
+from kiln.errors import ConfigError
+from kiln.finetune.examples import encode_conversations
+from kiln.finetune.sft import FinetuneConfig, FinetuneResult, run_sft
+from kiln.generate.sampling import SamplingConfig, stream_reply
+from kiln.model.gpt import GPT
+from kiln.model.lora import LoraSettings, add_lora, count_parameters
+from kiln.progress import progress_bar
+from kiln.train.checkpoint import is_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from kiln.train.hardware import set_threads
+
+
+def prepare_vocabulary(
+    model: GPT, tokenizer: Tokenizer, template: Template, data: InstructionData
+) -> tuple[Tokenizer, list[int]]:
+    """Add what the template and data need (special tokens; for char vocabularies, new characters)
+    to the tokenizer, grow the model to match, and return the tokenizer and the new ids."""
+    chars = {c for conv in data.conversations for piece in template.render(conv.messages) for c in piece.text}
+    grown = tokenizer.with_added(chars=chars, specials=template.special_tokens)
+    model.resize_vocab(grown.vocab_size)
+    return grown, list(range(tokenizer.vocab_size, grown.vocab_size))
+
+
+def finetune_and_report(
+    base: str | os.PathLike,
+    data_spec: str,
+    out: Path,
+    settings: dict,
+    lora: LoraSettings | None = None,
+    data_format: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Fine-tune the checkpoint `base` on instruction data into `out`; returns the best weights' folder
+    (a full checkpoint, or an adapter folder with LoRA)."""
+    (config,) = apply_settings([FinetuneConfig()], settings)
+    if lora and not is_checkpoint(base):
+        raise ConfigError(f"{base}: LoRA needs a full Kiln checkpoint as its base; merge an adapter first (kiln merge)")
+    if (out / "best").exists():
+        raise ConfigError(f"{out}: already holds a fine-tuning run; choose another --out")
+    set_threads(None)
+    checkpoint = load_checkpoint(base)
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    if tokenizer is None:
+        raise ConfigError(f"{base}: has no tokenizer/ folder to encode the instructions with")
+    data = load_instructions(data_spec, data_dir, data_format)
+    template = get_template(config.template or ("chat" if data.format == "chat" else "alpaca"))
+    tokenizer, new_ids = prepare_vocabulary(model, tokenizer, template, data)
+    if config.block_size:
+        model.resize_context(config.block_size)
+    splits = data.split(seed=config.split_seed)
+    encoded, truncated = {}, 0
+    for name, conversations in splits.items():
+        encoded[name], cut = encode_conversations(
+            conversations, template, tokenizer, model.config.block_size, config.prompt_loss
+        )
+        truncated += cut
+    print(
+        f"data: {data.source} ({data.format}, {len(data.conversations):,} examples): "
+        + ", ".join(f"{name} {len(examples):,}" for name, examples in encoded.items())
+        + f"; template {template.name}"
+    )
+    if truncated:
+        print(
+            f"warning: {truncated:,} examples are longer than the context of {model.config.block_size} tokens "
+            "and were truncated (prompt first); a larger --set block_size keeps more of them"
+        )
+    if new_ids:
+        print(f"vocabulary: added {len(new_ids)} tokens for the template and data ({tokenizer.describe()})")
+
+    trained = add_lora(model, lora, new_ids) if lora else model
+    trainable, total = count_parameters(trained)
+    what = f"LoRA r={lora.r} alpha={lora.alpha:g} on {lora.targets}" if lora else "full fine-tuning"
+    print(f"{what}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    info = {
+        "template": template.name,
+        "finetune": {
+            "base": str(Path(base).resolve()),
+            "data": data_spec,
+            "format": data.format,
+            "split_seed": config.split_seed,
+            "lora": asdict(lora) if lora else None,
+        },
+    }
+
+    def save_best() -> None:
+        if lora:
+            save_adapter(out / "best", trained, base, tokenizer, info)
+        else:
+            save_checkpoint(out / "best", model, tokenizer, info=info)
+
+    with progress_bar("fine-tuning", total=None, unit="steps") as advance:
+        result = run_sft(
+            trained,
+            encoded["train"],
+            encoded["val"],
+            config,
+            tokenizer.eos_id,
+            out,
+            save_best,
+            on_step=lambda step, loss: advance(1, f"fine-tuning, loss {loss:.3f}"),
+            on_total=lambda steps: advance(0, total=steps),
+            lora=lora is not None,
+        )
+    _report(result, out)
+    _show_example(out / "best", splits["test"] or splits["val"])
+    return out / "best"
+
+
+def _report(result: FinetuneResult, out: Path) -> None:
+    print(
+        f"done: {result.steps:,} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s"
+        + (" (stopped early: val loss stopped improving)" if result.stopped_early else "")
+        + f"; val loss {result.val_loss_before:.4f} before, {result.best_val_loss:.4f} best"
+    )
+    print(f"best weights: {out / 'best'}; metrics: {out / 'metrics.jsonl'}")
+
+
+def _show_example(best: Path, conversations: list) -> None:
+    checkpoint = load_checkpoint(best)
+    template = get_template(checkpoint.info.get("template"))
+    example = conversations[0]
+    prompt = example.prompt_messages()
+    print(f"\nexample (held out): {prompt[-1].content}" + (f" [{prompt[-1].context}]" if prompt[-1].context else ""))
+    config = SamplingConfig(max_new_tokens=200, temperature=0.0)
+    with torch.no_grad():
+        reply = "".join(stream_reply(checkpoint.model, checkpoint.tokenizer, template, prompt, config))
+    print(f"model:     {reply.strip()}")
+    print(f"reference: {example.response}")

@@ -1,0 +1,97 @@
+"""`kiln finetune` end to end on a tiny model: it learns, saves what chat needs, and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kiln.cli import main
+from kiln.data.instructions import load_instructions
+from kiln.data.templates import get_template
+from kiln.finetune.examples import encode_conversations
+from kiln.finetune.sft import masked_loss
+from kiln.train.checkpoint import is_adapter, is_checkpoint, load_checkpoint
+
+
+def val_loss(folder, instruction_file):
+    checkpoint = load_checkpoint(folder)
+    template = get_template(checkpoint.info["template"])
+    val = load_instructions(instruction_file).split()["val"]
+    examples, _ = encode_conversations(val, template, checkpoint.tokenizer, checkpoint.model.config.block_size)
+    return masked_loss(checkpoint.model, examples, checkpoint.tokenizer.eos_id)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_finetune_learns_and_saves_a_model_that_chat_can_use(tmp_path, base_checkpoint, instruction_file, lora, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", str(base_checkpoint), "--data", str(instruction_file), "--out", str(out)]
+    args += ["--max-iters", "60", "--set", "block_size=128", "--set", "eval_interval=20"]
+    # LoRA moves a random base slowly, so it gets a larger step
+    args += ["--lora-r", "4", "--lora-dropout", "0", "--set", "lr=2e-2"] if lora else ["--set", "lr=3e-3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "added 3 tokens" in printed  # "#" from the template, "2" and "4" from the data
+    best = out / "best"
+    assert (is_adapter if lora else is_checkpoint)(best)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 20, 40, 60]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] * (0.9 if lora else 0.8)
+    checkpoint = load_checkpoint(best)
+    assert checkpoint.info["template"] == "alpaca" and checkpoint.model.config.block_size == 128
+    assert checkpoint.tokenizer.vocab_size == checkpoint.model.config.vocab_size
+    assert val_loss(best, instruction_file) == pytest.approx(min(r["val_loss"] for r in rows), rel=1e-5)
+    base = load_checkpoint(base_checkpoint)
+    assert base.model.config.vocab_size < checkpoint.model.config.vocab_size  # the base folder is untouched
+    assert f"kiln chat {best}" in printed
+
+
+def test_early_stop_ends_when_val_loss_stops_improving(tmp_path, base_checkpoint, instruction_file):
+    out = tmp_path / "run"
+    args = ["finetune", str(base_checkpoint), "--data", str(instruction_file), "--out", str(out), "--epochs", "50"]
+    args += ["--early-stop", "2", "--set", "eval_interval=5", "--set", "lr=3e-2", "--set", "block_size=128"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best_at = min(range(len(rows)), key=lambda i: rows[i]["val_loss"])
+    assert len(rows) == best_at + 3  # two evaluations without improvement, then stop
+    assert rows[-1]["step"] < 50 * 5  # far short of 50 epochs of 5 batches
+
+
+def test_with_prompt_loss_more_tokens_count(base_checkpoint, instruction_file):
+    checkpoint = load_checkpoint(base_checkpoint)
+    tokenizer = checkpoint.tokenizer.with_added(chars="#0123456789()", specials=[])
+    convs = load_instructions(instruction_file).conversations[:4]
+    answers, _ = encode_conversations(convs, get_template("alpaca"), tokenizer, 512)
+    everything, _ = encode_conversations(convs, get_template("alpaca"), tokenizer, 512, prompt_loss=True)
+    count = lambda examples: sum(label != -100 for e in examples for label in e.labels)  # noqa: E731
+    assert count(everything) == sum(len(e.inputs) for e in everything) > 5 * count(answers)
+    torch.testing.assert_close(torch.tensor(everything[0].inputs), torch.tensor(answers[0].inputs))
+
+
+@pytest.mark.parametrize(
+    ("setup", "says"),
+    [
+        (lambda p: p.write_text('{"prompt": "a", "completion": "b"}\n'), "match no instruction format"),
+        (lambda p: p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n'), ":2: fields"),
+        (lambda p: p.write_text(""), "has no records"),
+    ],
+)
+def test_bad_instruction_files_get_one_line_and_exit_2(tmp_path, base_checkpoint, capsys, setup, says):
+    data = tmp_path / "data.jsonl"
+    setup(data)
+    assert main(["finetune", str(base_checkpoint), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err
+
+
+def test_an_empty_training_split_is_a_clear_error(tmp_path, base_checkpoint, capsys):
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"question": "a", "answer": "b"}\n')
+    assert main(["finetune", str(base_checkpoint), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "split is empty" in capsys.readouterr().err
+
+
+def test_a_base_that_is_not_a_checkpoint(tmp_path, instruction_file, capsys):
+    assert main(["finetune", str(tmp_path), "--data", str(instruction_file), "--out", str(tmp_path / "o")]) == 2
+    assert "not a Kiln checkpoint" in capsys.readouterr().err
