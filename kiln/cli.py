@@ -159,10 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--base", help="the base checkpoint, if it has moved since the adapter was trained")
 
     demo = commands.add_parser(
-        "demo", parents=common, help="the main job: prepare Tiny Shakespeare, train a model on it for 3 minutes, sample"
+        "demo",
+        parents=common,
+        help="the main job: prepare Tiny Shakespeare, train a model on it for 3 minutes, sample, "
+        "fine-tune it on instructions with LoRA for 2 minutes, chat",
     )
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
-    demo.add_argument("--time", default="3m", help="how long to train, e.g. 90s or 3m (default 3m)")
+    demo.add_argument("--time", default="3m", help="how long to pretrain, e.g. 90s or 3m (default 3m)")
+    demo.add_argument(
+        "--finetune-time", default="2m", help="how long to fine-tune with LoRA afterwards (default 2m; 0 skips it)"
+    )
     return parser
 
 
@@ -374,7 +380,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from kiln.demo import run_demo
     from kiln.train.run import parse_duration
 
-    run_demo(Path(args.out), args.data_dir, parse_duration(args.time))
+    run_demo(Path(args.out), args.data_dir, parse_duration(args.time), parse_duration(args.finetune_time))
 
 
 COMMANDS = {

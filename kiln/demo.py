@@ -1,5 +1,6 @@
 """The main job behind `make demo`: get the default corpus, prepare it, train Kiln's best CPU preset on
-it for a few minutes, and show what the model writes."""
+it for a few minutes, show what the model writes, then teach it to answer instructions with LoRA and
+hold a short scripted chat with it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from rich.table import Table
 from kiln.data.corpus import open_corpus
 from kiln.data.prepare import prepare_corpus
 from kiln.errors import DataError, TokenizerError
+from kiln.finetune.run import finetune_and_report
+from kiln.generate.chat import ChatSession, run_script
 from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
+from kiln.model.lora import LoraSettings
 from kiln.train.checkpoint import load_checkpoint
 from kiln.train.run import format_duration, train_and_report
 
@@ -24,11 +28,23 @@ FALLBACK_CORPUS = "python-docs"
 
 DEMO_PRESET = "shakespeare-cpu"
 DEMO_PROMPTS = ("ROMEO:\n", "First Citizen:\nWe")
+INSTRUCTIONS = "instruction-data"
+# The pretrained context is 64 characters; RoPE lets fine-tuning stretch it to hold a whole Alpaca prompt.
+FINETUNE_SETTINGS = {"block_size": 512}
+DEMO_LORA = LoraSettings(r=8, alpha=16, dropout=0.05, targets="all")
+CHAT_SCRIPT = (
+    "Name three primary colors.",
+    "What is the opposite of hot?",
+    "/set temperature=0",
+    "Translate 'thank you' into French.",
+)
 
 
-def run_demo(out: Path, data_dir: str | os.PathLike | None = None, seconds: float = 180.0) -> None:
+def run_demo(
+    out: Path, data_dir: str | os.PathLike | None = None, seconds: float = 180.0, finetune_seconds: float = 120.0
+) -> None:
     console = Console()
-    console.rule("[bold]Kiln demo 1/2: from raw text to token files")
+    console.rule("[bold]Kiln demo 1/3: from raw text to token files")
     try:
         corpus_name, corpora = DEFAULT_CORPUS, open_corpus(DEFAULT_CORPUS, data_dir)
     except DataError:
@@ -78,7 +94,7 @@ def run_demo(out: Path, data_dir: str | os.PathLike | None = None, seconds: floa
     if prepared_char is None:
         return
 
-    console.rule(f"[bold]Kiln demo 2/2: train {DEMO_PRESET} on {corpus_name} for {format_duration(seconds)}")
+    console.rule(f"[bold]Kiln demo 2/3: train {DEMO_PRESET} on {corpus_name} for {format_duration(seconds)}")
     run_dir = out / f"{DEMO_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}"
     best = train_and_report(prepared_char, DEMO_PRESET, {}, {"max_time": seconds}, run_dir)
     checkpoint = load_checkpoint(best)
@@ -87,5 +103,34 @@ def run_demo(out: Path, data_dir: str | os.PathLike | None = None, seconds: floa
         print(prompt, end="")
         config = SamplingConfig(max_new_tokens=300, temperature=0.8, top_k=200, seed=number)
         print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, prompt, config))
-    console.print("\n[bold]Talk to it:[/bold]", soft_wrap=True)
+    if finetune_seconds > 0:
+        adapter = _finetune_and_chat(console, best, run_dir, data_dir, finetune_seconds)
+        if adapter is not None:
+            console.print("\n[bold]Talk to them:[/bold]", soft_wrap=True)
+            print(f"kiln chat {adapter}")
+    else:
+        console.print("\n[bold]Talk to it:[/bold]", soft_wrap=True)
     print(f'kiln sample {best} --prompt "JULIET:" --max-new-tokens 500')
+
+
+def _finetune_and_chat(console: Console, base: Path, run_dir: Path, data_dir, seconds: float) -> Path | None:
+    """Stage 3: LoRA on the instruction set, then a scripted chat with the result."""
+    console.rule(f"[bold]Kiln demo 3/3: LoRA fine-tuning on {INSTRUCTIONS} for {format_duration(seconds)}, then chat")
+    try:
+        adapter = finetune_and_report(
+            base,
+            INSTRUCTIONS,
+            run_dir / "lora",
+            {**FINETUNE_SETTINGS, "max_time": seconds},
+            DEMO_LORA,
+            data_dir=data_dir,
+        )
+    except DataError as e:
+        console.print(f"[yellow]skipping fine-tuning: {e}")
+        return None
+    console.print("\n[bold]A scripted chat[/bold] (temperature 0.7, then greedy):")
+    session = ChatSession.from_checkpoint(
+        adapter, sampling=SamplingConfig(max_new_tokens=150, temperature=0.7, top_k=50, seed=0)
+    )
+    run_script(session, CHAT_SCRIPT)
+    return adapter

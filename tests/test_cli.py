@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 import subprocess
@@ -30,7 +31,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 def test_help_lists_every_command_and_version_prints():
     result = subprocess.run([sys.executable, "-m", "kiln", "--help"], capture_output=True, text=True, check=True)
-    for command in ("data", "tokenizer", "prepare", "presets", "train", "sample", "demo"):
+    for command in ("data", "tokenizer", "prepare", "presets", "train", "sample", "finetune", "chat", "merge", "demo"):
         assert f"    {command} " in result.stdout
     version = subprocess.run([sys.executable, "-m", "kiln", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == f"kiln {kiln.__version__}"
@@ -70,26 +71,32 @@ def test_prepare_prints_a_summary(capsys, tmp_path, mirror):
     assert "train 1,003,854 tokens, val 111,540 tokens" in out
 
 
-def test_demo_prepares_trains_samples_and_says_how_to_go_on(capsys, tmp_path, mirror):
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "4s")
+def test_demo_prepares_trains_samples_finetunes_chats_and_says_how_to_go_on(capsys, tmp_path, mirror, monkeypatch):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "4s", "--finetune-time", "5s")
     assert code == 0
     assert "1,003,854" in out and "301,966" in out
     assert (tmp_path / "demo" / "tinyshakespeare-gpt2" / "train.bin").is_file()
     (run_dir,) = (tmp_path / "demo").glob("shakespeare-cpu-*")
     assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "loss.png").is_file()
     assert "estimated run time" in out and "best val loss" in out and "sample 2" in out
-    command = out.strip().splitlines()[-1]
-    assert command.startswith(f"kiln sample {run_dir / 'best'} --prompt")
-    assert run(capsys, *shlex.split(command)[1:], "--max-new-tokens", "5")[0] == 0
+    assert "LoRA r=8 alpha=16 on all" in out and "you> Name three primary colors." in out
+    assert out.count("assistant> ") == 3  # three questions; the /set line answers in its own words
+    chat, sample = out.strip().splitlines()[-2:]
+    assert chat == f"kiln chat {run_dir / 'lora' / 'best'}"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say hi.\n/quit\n"))
+    assert run(capsys, *shlex.split(chat)[1:], "--max-new-tokens", "5")[0] == 0
+    assert sample.startswith(f"kiln sample {run_dir / 'best'} --prompt")
+    assert run(capsys, *shlex.split(sample)[1:], "--max-new-tokens", "5")[0] == 0
 
 
 def test_demo_falls_back_to_python_docs_when_shakespeare_is_missing(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_DATA_DIR", str(tmp_path / "empty-mirror"))
     monkeypatch.setattr("kiln.data.registry.DATASETS", _offline_registry())
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "2s")
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "2s", "--finetune-time", "2s")
     assert code == 0
     assert "Tiny Shakespeare could not be obtained" in out and "python-docs" in out
     assert (tmp_path / "demo" / "python-docs-char" / "train.bin").is_file()
+    assert "skipping fine-tuning" in out  # the instruction set is not to be had either
 
 
 def _offline_registry():
