@@ -153,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--repetition-penalty", type=float, default=1.0)
     ch.add_argument("--seed", type=int)
 
+    ev = commands.add_parser(
+        "evaluate", parents=common, help="score a checkpoint: loss and bits per byte on text, ROUGE-L on instructions"
+    )
+    ev.add_argument("checkpoint", help="a checkpoint or adapter folder")
+    ev.add_argument("--data", help="text or instruction data (default: what the checkpoint was fine-tuned on)")
+    ev.add_argument("--split", choices=["test", "val", "train", "all"], help="default: test (instructions), val (text)")
+    ev.add_argument("--limit", type=int, help="at most this many examples (instructions) or characters (text)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer (default 256)")
+    ev.add_argument("--stride", type=int, help="text: overlapping windows this far apart (default: none)")
+    ev.add_argument("--text-field", help="field holding the text in JSON/JSONL records")
+    ev.add_argument("--out", help="JSONL of per-example scores (default: beside the checkpoint)")
+    ev.add_argument("--base", help="an adapter's base checkpoint, if it has moved")
+
     mg = commands.add_parser("merge", parents=common, help="fold a LoRA adapter into its base: a full checkpoint")
     mg.add_argument("adapter", help="an adapter folder that `kiln finetune --lora-r` wrote")
     mg.add_argument("--out", required=True, help="folder for the merged checkpoint")
@@ -365,6 +378,25 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(session, interactive=sys.stdin.isatty())
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from kiln.evaluate.run import evaluate
+    from kiln.train.hardware import set_threads
+
+    set_threads(None)
+    evaluate(
+        args.checkpoint,
+        args.data,
+        args.data_dir,
+        limit=args.limit,
+        out=args.out,
+        max_new_tokens=args.max_new_tokens,
+        split=args.split,
+        stride=args.stride,
+        text_field=args.text_field,
+        base=args.base,
+    )
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from kiln.train.checkpoint import is_adapter, load_checkpoint, save_checkpoint
 
@@ -393,6 +425,7 @@ COMMANDS = {
     ("sample", None): cmd_sample,
     ("finetune", None): cmd_finetune,
     ("chat", None): cmd_chat,
+    ("evaluate", None): cmd_evaluate,
     ("merge", None): cmd_merge,
     ("demo", None): cmd_demo,
 }

@@ -31,7 +31,19 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 def test_help_lists_every_command_and_version_prints():
     result = subprocess.run([sys.executable, "-m", "kiln", "--help"], capture_output=True, text=True, check=True)
-    for command in ("data", "tokenizer", "prepare", "presets", "train", "sample", "finetune", "chat", "merge", "demo"):
+    for command in (
+        "data",
+        "tokenizer",
+        "prepare",
+        "presets",
+        "train",
+        "sample",
+        "finetune",
+        "chat",
+        "evaluate",
+        "merge",
+        "demo",
+    ):
         assert f"    {command} " in result.stdout
     version = subprocess.run([sys.executable, "-m", "kiln", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == f"kiln {kiln.__version__}"

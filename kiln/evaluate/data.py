@@ -1,0 +1,144 @@
+"""What to evaluate on: whether DATA is instruction records or running text, and which part of it.
+
+Splits match training's: running text keeps its own val file when the data set ships one, else its last
+10% of characters, cut as `kiln prepare` cuts it; instruction data is split as `kiln finetune` splits it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from kiln.data.corpus import Corpus, ReadOptions, open_corpus
+from kiln.data.instructions import Conversation, InstructionData, detect_format
+from kiln.data.prepare import scan
+from kiln.data.registry import DATASETS
+from kiln.errors import ConfigError, DataError
+
+INSTRUCTION_SPLITS = ("test", "val", "train", "all")
+CORPUS_SPLITS = ("val", "train", "all")
+DEFAULT_SPLIT_SEED = 123  # kiln finetune's default
+DEFAULT_VAL_FRACTION = 0.1  # kiln prepare's default
+
+
+def data_name(spec: str | os.PathLike) -> str:
+    """A short name for DATA in file names: the data set's name, or the file's name without suffix."""
+    return str(spec) if str(spec) in DATASETS else Path(spec).stem or "data"
+
+
+def is_instruction_data(spec: str | os.PathLike, text_field: str | None = None) -> bool:
+    """True for an instruction data set's name, or a .json/.jsonl file whose first record is in an
+    instruction format; a text field to read makes any records running text."""
+    if text_field:
+        return False
+    if str(spec) in DATASETS and not Path(spec).exists():
+        return DATASETS[str(spec)].format == "instructions"
+    path = Path(spec).expanduser()
+    if not path.is_file() or path.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    record = _first_record(path)
+    if not isinstance(record, dict):
+        return False
+    try:
+        detect_format(record, f"{path} (first record)")
+    except DataError as e:
+        if "text" in record:
+            return False  # JSONL of {"text": ...}: running text
+        raise DataError(f"{e}; or, for running text, name its field with --text-field") from None
+    return True
+
+
+def _first_record(path: Path) -> object:
+    """The first record of a JSON array or JSONL file; None when it is not JSON (the text reader will
+    say what is wrong with it)."""
+    try:
+        if path.suffix.lower() == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                line = next((line for line in f if line.strip()), None)
+            if line is None:
+                raise DataError(f"{path}: is empty; give a file with at least one record")
+            return json.loads(line)
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(f"{path}: is empty; give a file with at least one record")
+        records = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return records[0] if isinstance(records, list) and records else records
+
+
+def instruction_split(data: InstructionData, split: str, seed: int = DEFAULT_SPLIT_SEED) -> list[Conversation]:
+    """The conversations of `split` (test, val, train, or all), split with `seed` as fine-tuning did."""
+    if split not in INSTRUCTION_SPLITS:
+        raise ConfigError(f"--split {split}: choose one of {', '.join(INSTRUCTION_SPLITS)} for instruction data")
+    conversations = data.conversations if split == "all" else data.split(seed=seed)[split]
+    if not conversations:
+        raise DataError(
+            f"{data.source}: the {split} split of {len(data.conversations):,} records is empty; "
+            "use --split all, or more records"
+        )
+    return conversations
+
+
+def corpus_split(
+    spec: str | os.PathLike,
+    split: str = "val",
+    data_dir: str | os.PathLike | None = None,
+    text_field: str | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    limit_chars: int | None = None,
+) -> list[str]:
+    """The documents of a corpus's `split` (val, train or all) as texts, at most `limit_chars` characters
+    in all. Val is the data set's own val file, or else the last `val_fraction` of the characters."""
+    if split not in CORPUS_SPLITS:
+        raise ConfigError(f"--split {split}: choose one of {', '.join(CORPUS_SPLITS)} for running text")
+    corpora = open_corpus(spec, data_dir, ReadOptions(text_field=text_field))
+    if "all" not in corpora:  # the data set's own train and val files
+        parts = [corpora[role] for role in (("train", "val") if split == "all" else (split,))]
+        documents = [d for corpus in parts for d in _characters(corpus, 0, None, limit_chars)]
+        label = corpora["val"].label
+    else:
+        corpus = corpora["all"]
+        label = corpus.label
+        start, end = 0, None
+        if split != "all":
+            split_at = int(scan(corpus, collect_chars=False).chars * (1 - val_fraction))
+            start, end = (split_at, None) if split == "val" else (0, split_at)
+        documents = list(_characters(corpus, start, end, limit_chars))
+    if limit_chars is not None:
+        documents = _first_chars(documents, limit_chars)
+    if not documents:
+        raise DataError(f"{label}: its {split} part is empty; use --split all or a longer text")
+    return documents
+
+
+def _characters(corpus: Corpus, start: int, end: int | None, limit: int | None) -> Iterator[str]:
+    """Each document's text between corpus character positions `start` and `end` (documents with none
+    left out), stopping once `limit` characters are collected."""
+    position = taken = 0
+    for document in corpus.documents():
+        kept = []
+        for chunk in document:
+            lo, hi = max(start - position, 0), len(chunk) if end is None else min(end - position, len(chunk))
+            if lo < hi:
+                kept.append(chunk[lo:hi])
+                taken += hi - lo
+            position += len(chunk)
+            if (end is not None and position >= end) or (limit is not None and taken >= limit):
+                break
+        if kept:
+            yield "".join(kept)
+        if (end is not None and position >= end) or (limit is not None and taken >= limit):
+            return
+
+
+def _first_chars(documents: list[str], limit: int) -> list[str]:
+    kept, left = [], limit
+    for document in documents:
+        if left <= 0:
+            break
+        kept.append(document[:left])
+        left -= len(document)
+    return kept

@@ -1,0 +1,141 @@
+"""What `kiln evaluate` does: load a checkpoint, score it on running text (loss, perplexity, bits per
+byte) or on instruction data (generated answers against references), write the scores as JSONL beside
+the checkpoint, and print a summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kiln.atomic import atomic_file
+from kiln.data.instructions import load_instructions
+from kiln.data.templates import get_template
+from kiln.errors import ConfigError
+from kiln.evaluate.data import (
+    DEFAULT_SPLIT_SEED,
+    corpus_split,
+    data_name,
+    instruction_split,
+    is_instruction_data,
+)
+from kiln.evaluate.perplexity import corpus_metrics
+from kiln.evaluate.responses import answer_loss, score_responses, summarize
+from kiln.progress import progress_bar
+from kiln.train.checkpoint import Checkpoint, load_checkpoint
+from kiln.train.hardware import pick_device
+
+
+def evaluate(
+    checkpoint_path: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    out: str | os.PathLike | None = None,
+    max_new_tokens: int = 256,
+    split: str | None = None,
+    stride: int | None = None,
+    text_field: str | None = None,
+    device: str = "auto",
+    base: str | os.PathLike | None = None,
+    show: bool = True,
+) -> dict:
+    """Evaluate a checkpoint on DATA (a data-set name or a file; default: the data it was fine-tuned on)
+    and return the numbers, with "output" the JSONL written (default: eval-DATA.jsonl beside the
+    checkpoint folder).
+
+    Instruction data: answers to `split` (default test) generated greedily, at most `limit` examples.
+    Running text: loss, perplexity and bits per byte of `split` (default val), at most `limit` characters,
+    in windows moving by `stride` tokens (default: no overlap).
+    """
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} must be at least 1")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    checkpoint = load_checkpoint(checkpoint_path, pick_device(device), base)
+    if checkpoint.tokenizer is None:
+        raise ConfigError(f"{checkpoint_path}: has no tokenizer/ folder, so it cannot read text; give another")
+    data = data if data is not None else _finetune_data(checkpoint, checkpoint_path)
+    instructions = is_instruction_data(data, text_field)
+    split = split or ("test" if instructions else "val")
+    if instructions:
+        result, rows = _evaluate_instructions(checkpoint, data, data_dir, split, limit, max_new_tokens)
+    else:
+        documents = corpus_split(data, split, data_dir, text_field, limit_chars=limit)
+        metrics = corpus_metrics(checkpoint.model, checkpoint.tokenizer, documents, stride=stride)
+        result = {"kind": "corpus", **metrics.to_dict()}
+        rows = [{"data": str(data), "split": split, **result}]
+    default_split = split == ("test" if instructions else "val")
+    name = data_name(data) + ("" if default_split else f"-{split}")
+    output = Path(out) if out else Path(checkpoint_path).resolve().parent / f"eval-{name}.jsonl"
+    _write_jsonl(output, rows)
+    result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, **result, "output": str(output)}
+    if show:
+        print_summary(result)
+    return result
+
+
+def _finetune_data(checkpoint: Checkpoint, path: str | os.PathLike) -> str:
+    data = (checkpoint.info.get("finetune") or {}).get("data")
+    if not data:
+        raise ConfigError(f"{path}: was not fine-tuned on instruction data; name the data to evaluate on with --data")
+    return data
+
+
+def _evaluate_instructions(
+    checkpoint: Checkpoint,
+    data: str | os.PathLike,
+    data_dir: str | os.PathLike | None,
+    split: str,
+    limit: int | None,
+    max_new_tokens: int,
+) -> tuple[dict, list[dict]]:
+    seed = (checkpoint.info.get("finetune") or {}).get("split_seed", DEFAULT_SPLIT_SEED)
+    conversations = instruction_split(load_instructions(data, data_dir), split, seed)[:limit]
+    with progress_bar(f"answering {split} examples", total=len(conversations), unit="examples") as advance:
+        scored: list[dict] = []
+
+        def show(record: dict) -> None:
+            scored.append(record)
+            advance(1, f"answering {split} examples, ROUGE-L so far {summarize(scored).rouge_l:.3f}")
+
+        records = score_responses(checkpoint, conversations, max_new_tokens, on_progress=show)
+    template = get_template(checkpoint.info.get("template"))
+    loss = answer_loss(checkpoint.model, checkpoint.tokenizer, template, conversations)
+    return {
+        "kind": "instructions",
+        "template": template.name,
+        **summarize(records).to_dict(),
+        "answer_loss": loss,
+    }, records
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def print_summary(result: dict, console: Console | None = None) -> None:
+    """The numbers `evaluate` returns, as a table, and where the JSONL went."""
+    console = console or Console()
+    checkpoint = Path(result["checkpoint"]).resolve()
+    table = Table("metric", "value", box=None, pad_edge=False)
+    if result["kind"] == "corpus":
+        table.add_row("tokens", f"{result['tokens']:,}")
+        table.add_row("bytes", f"{result['bytes']:,}")
+        table.add_row("loss (nats/token)", f"{result['loss']:.4f}")
+        table.add_row("perplexity", f"{result['perplexity']:.2f}")
+        table.add_row("bits per byte", f"{result['bits_per_byte']:.4f}")
+    else:
+        table.add_row("examples", f"{result['examples']:,}")
+        table.add_row("ROUGE-L (F, mean)", f"{result['rouge_l']:.4f}")
+        table.add_row("exact match", f"{result['exact_match']:.1%}")
+        table.add_row("answer loss (nats/token)", f"{result['answer_loss']:.4f}")
+        table.add_row("template", result["template"])
+    heading = f"{checkpoint.parent.name}/{checkpoint.name} on {Path(result['data']).name}, {result['split']} split"
+    console.print(heading, soft_wrap=True, highlight=False)
+    console.print(table)
+    console.print(f"scores: {result['output']}", soft_wrap=True, highlight=False)

@@ -1,0 +1,160 @@
+"""`evaluate` end to end: instruction data gives a JSONL of scored answers, running text its val loss,
+and a mistake in the input one clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kiln.data.instructions import load_instructions
+from kiln.errors import ConfigError, DataError, KilnError
+from kiln.evaluate.data import corpus_split
+from kiln.evaluate.perplexity import corpus_metrics
+from kiln.evaluate.run import evaluate
+from kiln.train.checkpoint import load_checkpoint
+
+FIELDS = {"instruction", "input", "reference", "response", "rouge_l", "exact_match", "source"}
+
+
+def alpaca_records(n: int) -> list[dict]:
+    return [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"} for i in range(n)]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_instruction_file_writes_scored_answers_for_its_test_split(tmp_path, tiny_checkpoint, write_jsonl, capsys):
+    data = write_jsonl(tmp_path / "sums.jsonl", alpaca_records(60))  # test split: 5% = 3 records
+    checkpoint = tiny_checkpoint(tmp_path / "run" / "best", "Add and.0123456789", {"template": "alpaca"}, 256)
+    result = evaluate(checkpoint, data, max_new_tokens=6)
+    output = tmp_path / "run" / "eval-sums.jsonl"
+    assert result["output"] == str(output) and result["split"] == "test" and result["kind"] == "instructions"
+    rows = read_jsonl(output)
+    expected = load_instructions(data).split(seed=123)["test"]
+    assert [row["reference"] for row in rows] == [c.response for c in expected]
+    assert [row["source"] for row in rows] == [c.source for c in expected]
+    for row in rows:
+        assert set(row) == FIELDS
+        assert 0.0 <= row["rouge_l"] <= 1.0 and isinstance(row["exact_match"], bool)
+    assert result["examples"] == 3
+    assert result["rouge_l"] == pytest.approx(sum(r["rouge_l"] for r in rows) / 3)
+    assert result["answer_loss"] == pytest.approx(math.log(load_checkpoint(checkpoint).tokenizer.vocab_size), abs=0.1)
+    shown = capsys.readouterr().out
+    assert "ROUGE-L" in shown and "exact match" in shown and str(output) in shown
+
+    again = evaluate(checkpoint, data, max_new_tokens=6, out=tmp_path / "again.jsonl", show=False)
+    assert read_jsonl(tmp_path / "again.jsonl") == rows  # greedy: the same answers every time
+    assert again["rouge_l"] == result["rouge_l"]
+
+
+def test_the_split_seed_a_model_was_finetuned_with_is_used(tmp_path, tiny_checkpoint, write_jsonl):
+    data = write_jsonl(tmp_path / "sums.jsonl", alpaca_records(60))
+    info = {"template": "alpaca", "finetune": {"data": str(data), "split_seed": 7}}
+    checkpoint = tiny_checkpoint(tmp_path / "best", "Add and.0123456789", info, 256)
+    result = evaluate(checkpoint, max_new_tokens=2, split="val", limit=4, show=False)  # data from the checkpoint
+    rows = read_jsonl(tmp_path / "eval-sums-val.jsonl")
+    assert result["examples"] == len(rows) == 4
+    assert [row["source"] for row in rows] == [c.source for c in load_instructions(data).split(seed=7)["val"][:4]]
+
+
+def test_a_learned_model_scores_full_marks_on_chat_records(tmp_path, learned_checkpoint, learned_answers, write_jsonl):
+    turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in learned_answers]
+    records = [{"messages": messages} for messages in turns]
+    data = write_jsonl(tmp_path / "learned.jsonl", records)
+    result = evaluate(learned_checkpoint, data, split="all", max_new_tokens=20, out=tmp_path / "out.jsonl", show=False)
+    assert (result["examples"], result["rouge_l"], result["exact_match"]) == (4, 1.0, 1.0)
+    assert [row["response"] for row in read_jsonl(tmp_path / "out.jsonl")] == [a for _, a in learned_answers]
+
+
+def test_instruction_data_set_by_name(tmp_path, tiny_checkpoint, mirror):
+    text = (mirror / "instruction-data.json").read_text(encoding="utf-8")
+    checkpoint = tiny_checkpoint(tmp_path / "best", text, {"template": "alpaca"}, 128)
+    result = evaluate(checkpoint, "instruction-data", limit=2, max_new_tokens=3, show=False)
+    assert result["examples"] == 2 and result["split"] == "test"
+    expected = load_instructions("instruction-data").split()["test"][:2]  # 55 test records, first two
+    assert [row["reference"] for row in read_jsonl(tmp_path / "eval-instruction-data.jsonl")] == [
+        c.response for c in expected
+    ]
+
+
+def test_running_text_is_scored_on_its_last_tenth(tmp_path, tiny_checkpoint, verdict_text):
+    checkpoint = tiny_checkpoint(tmp_path / "best", verdict_text)
+    result = evaluate(checkpoint, "the-verdict", show=False)
+    val = verdict_text[int(len(verdict_text) * 0.9) :]  # what kiln prepare keeps for val
+    ckpt = load_checkpoint(checkpoint)
+    expected = corpus_metrics(ckpt.model, ckpt.tokenizer, val)
+    assert result["kind"] == "corpus" and result["split"] == "val"
+    assert (result["tokens"], result["bytes"]) == (len(val), len(val.encode("utf-8")))
+    assert result["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+    (row,) = read_jsonl(tmp_path / "eval-the-verdict.jsonl")
+    assert row["loss"] == pytest.approx(result["loss"]) and row["data"] == "the-verdict"
+
+
+def test_a_data_set_with_its_own_val_file_uses_it(mirror):
+    valid = (mirror / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
+    assert corpus_split("wikitext-2", "val", limit_chars=5000) == [valid[:5000]]
+    train = (mirror / "wikitext-2" / "train.txt").read_text(encoding="utf-8")
+    assert corpus_split("wikitext-2", "train", limit_chars=300) == [train[:300]]
+
+
+def test_a_split_crosses_documents_as_prepare_cuts_them(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a" * 85)
+    (folder / "b.txt").write_text("b" * 15)  # 100 characters: val is the last 10, all in b.txt
+    (folder / "c.txt").write_text("")
+    assert corpus_split(folder, "val") == ["b" * 10]
+    (folder / "b.txt").write_text("b" * 5)  # 90 characters: val starts inside a.txt
+    assert corpus_split(folder, "val") == ["a" * 4, "b" * 5]
+    assert corpus_split(folder, "train") == ["a" * 81]
+    assert corpus_split(folder, "all", limit_chars=87) == ["a" * 85, "b" * 2]
+
+
+def test_text_and_jsonl_files_are_running_text(tmp_path, tiny_checkpoint, write_jsonl):
+    checkpoint = tiny_checkpoint(tmp_path / "best", "hello world")
+    (tmp_path / "hello.txt").write_text("hello world " * 10)
+    result = evaluate(checkpoint, tmp_path / "hello.txt", split="all", limit=50, show=False)
+    assert (result["kind"], result["tokens"], result["bytes"]) == ("corpus", 50, 50)
+    assert (tmp_path / "eval-hello-all.jsonl").is_file()
+    records = write_jsonl(tmp_path / "notes.jsonl", [{"text": "hello"}, {"text": "world"}])
+    result = evaluate(checkpoint, records, split="all", show=False)
+    assert (result["kind"], result["tokens"], result["bytes"]) == ("corpus", 11, 10)  # EOS between the two
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        ("tinyshakespear", DataError, "did you mean tinyshakespeare"),
+        ("missing.txt", DataError, "no such file"),
+        ("empty.jsonl", DataError, "empty.jsonl: is empty"),
+        ("empty.txt", DataError, "empty"),
+        ("odd.jsonl", DataError, "match no instruction format.*--text-field"),
+        ("three.jsonl", DataError, "test split of 3 records is empty; use --split all"),
+    ],
+)
+def test_bad_data_is_one_clear_error(tmp_path, monkeypatch, tiny_checkpoint, write_jsonl, data, error, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "empty.txt").write_text("")
+    write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a", "completion": "b"}])
+    write_jsonl(tmp_path / "three.jsonl", alpaca_records(3))
+    checkpoint = tiny_checkpoint(tmp_path / "best", "Add and.0123456789")
+    with pytest.raises(error, match=message):
+        evaluate(checkpoint, data, show=False)
+
+
+def test_bad_settings_are_one_clear_error(tmp_path, tiny_checkpoint, write_jsonl):
+    checkpoint = tiny_checkpoint(tmp_path / "best", "Add and.0123456789")
+    data = write_jsonl(tmp_path / "sums.jsonl", alpaca_records(60))
+    with pytest.raises(ConfigError, match="--limit 0"):
+        evaluate(checkpoint, data, limit=0, show=False)
+    with pytest.raises(ConfigError, match="--split dev"):
+        evaluate(checkpoint, data, split="dev", show=False)
+    with pytest.raises(ConfigError, match="name the data to evaluate on with --data"):
+        evaluate(checkpoint, show=False)
+    with pytest.raises(KilnError, match="not a Kiln checkpoint"):
+        evaluate(tmp_path, data, show=False)
