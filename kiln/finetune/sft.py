@@ -127,13 +127,14 @@ def run_sft(
     save_best()
     eval_seconds = time.perf_counter() - start
     step, since_best, stopped_early = 0, 0, False
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     while total is None or step < total:
         if config.max_time and time.perf_counter() - start >= config.max_time:
             break
         set_learning_rates(optimizers, lr_factor(step, total or 10**9, optim))
         inputs, labels = next(batches)
-        device = next(model.parameters()).device
         logits, _ = model(inputs.to(device))
         loss = nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.to(device).flatten(), ignore_index=IGNORE
@@ -141,7 +142,6 @@ def run_sft(
         loss.backward()
         if not math.isfinite(loss.item()):
             raise KilnError(f"loss became {loss.item()} at step {step + 1}; try a lower learning rate (--set lr=...)")
-        trainable = [p for p in model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip, foreach=True)
         for optimizer in optimizers:
             optimizer.step()
