@@ -27,6 +27,7 @@ class CharTokenizer(Tokenizer):
         self.chars = sorted(set(chars))
         if any(len(c) != 1 for c in self.chars):
             raise TokenizerError("a char vocabulary holds single characters only")
+        self._built_specials, self._built_unk = list(specials), unk  # as built, before any additions
         names = list(specials) + ([UNK] if unk and UNK not in specials else [])
         self._specials = {name: len(self.chars) + i for i, name in enumerate(names)}
         # Tokens added after the vocabulary was built (by fine-tuning) take the next ids, in order, so
@@ -68,8 +69,7 @@ class CharTokenizer(Tokenizer):
         new += [(name, True) for name in specials if name not in self._specials]
         if not new:
             return self
-        original = [n for n in self._specials if n not in dict(self.added)]
-        return CharTokenizer(self.chars, [n for n in original if n != UNK], UNK in original, self.added + new)
+        return CharTokenizer(self.chars, self._built_specials, self._built_unk, self.added + new)
 
     def _lookup_id(self, char: str) -> int | None:
         code = ord(char)
@@ -119,8 +119,8 @@ class CharTokenizer(Tokenizer):
     def _save_files(self, folder: Path) -> dict:
         return {
             "chars": "".join(self.chars),
-            "specials": [n for n in self._specials if n != UNK and n not in dict(self.added)],
-            "unk": UNK in self._specials and UNK not in dict(self.added),
+            "specials": [n for n in self._built_specials if n != UNK],
+            "unk": self._built_unk or UNK in self._built_specials,
             "added": [[text, special] for text, special in self.added],
         }
 
