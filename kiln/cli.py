@@ -23,12 +23,26 @@ def _add_read_options(p: argparse.ArgumentParser) -> None:
         help="on bytes that are not UTF-8: stop with an error (strict) or replace them",
     )
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines and count them")
+    _add_one_per_line(p)
+
+
+def _add_one_per_line(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--one-per-line",
+        action="store_true",
+        help="text files hold one example per line: each line is its own document, EOS between them",
+    )
 
 
 def _read_options(args: argparse.Namespace):
     from kiln.data.corpus import ReadOptions
 
-    return ReadOptions(errors=args.errors, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
+    return ReadOptions(
+        errors=args.errors,
+        text_field=args.text_field,
+        skip_bad_lines=args.skip_bad_lines,
+        one_per_line=args.one_per_line,
+    )
 
 
 def _global_options(defaults: bool) -> argparse.ArgumentParser:
@@ -90,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", parents=common, help="pretrain a GPT on text (prepared on the fly)")
     tr.add_argument("--data", required=True, help="a data-set name, a text file or folder, or a prepared folder")
     tr.add_argument("--tokenizer", help="char, gpt2 (default) or bpe:DIR; for raw text")
-    tr.add_argument("--preset", default="tiny", help="model shape (`kiln presets`); default tiny")
+    tr.add_argument("--preset", help="model shape (`kiln presets`); default tiny")
+    tr.add_argument(
+        "--init-from",
+        metavar="gpt2|distilgpt2|PATH",
+        help="start from these weights (and their tokenizer): a Hub id, a Hugging Face folder or a Kiln checkpoint",
+    )
+    _add_one_per_line(tr)
     tr.add_argument(
         "--set",
         action="append",
@@ -103,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-iters", type=int, help="stop after this many optimizer steps")
     tr.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
     tr.add_argument("--max-time", help="stop after this long, e.g. 90s, 3m, 1h")
+    tr.add_argument("--epochs", type=float, help="stop after this many times the train split's tokens")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ checkpoint")
 
     sa = commands.add_parser("sample", parents=common, help="generate text from a checkpoint, streamed")
@@ -125,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft = commands.add_parser(
         "finetune", parents=common, help="fine-tune a checkpoint to follow instructions (full or LoRA)"
     )
-    ft.add_argument("base", help="the checkpoint to start from, e.g. RUN_DIR/best")
+    ft.add_argument("base", nargs="?", help="the checkpoint to start from, e.g. RUN_DIR/best (or use --init-from)")
+    ft.add_argument(
+        "--init-from",
+        metavar="gpt2|distilgpt2|PATH",
+        help="start from a Hub id or Hugging Face folder (imported into OUT/base) or a Kiln checkpoint",
+    )
     ft.add_argument("--data", required=True, help="instruction data: a data-set name or a .json/.jsonl file")
     ft.add_argument("--format", choices=["alpaca", "dolly", "qa", "chat"], help="record format (default: detected)")
     ft.add_argument("--template", choices=["alpaca", "chat"], help="prompt template (default: chat for chat data)")
@@ -170,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("adapter", help="an adapter folder that `kiln finetune --lora-r` wrote")
     mg.add_argument("--out", required=True, help="folder for the merged checkpoint")
     mg.add_argument("--base", help="the base checkpoint, if it has moved since the adapter was trained")
+
+    ex = commands.add_parser("export", parents=common, help="write a checkpoint as a Hugging Face transformers folder")
+    ex.add_argument("checkpoint", help="a checkpoint or LoRA adapter folder (an adapter is merged into its base)")
+    ex.add_argument("--to", choices=["hf"], required=True, help="the format: hf (transformers' save_pretrained layout)")
+    ex.add_argument("out", help="the folder to write")
+    ex.add_argument("--base", help="an adapter's base checkpoint, if it has moved")
+
+    im = commands.add_parser(
+        "import", parents=common, help="convert a Hugging Face GPT-2 or Llama checkpoint into a Kiln checkpoint"
+    )
+    im.add_argument("source", help="a Hugging Face model folder, or a Hub id such as gpt2 or distilgpt2")
+    im.add_argument("out", help="the Kiln checkpoint folder to write")
 
     demo = commands.add_parser(
         "demo",
@@ -298,17 +336,34 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from kiln.config import parse_overrides, read_config_file
+    from kiln.data.corpus import ReadOptions
     from kiln.train.run import parse_duration, train_and_report, training_data
 
-    data = training_data(args.data, args.tokenizer, args.data_dir)
+    start = None
+    if args.init_from:
+        if args.tokenizer or args.preset:
+            raise KilnError("--init-from brings its own tokenizer and shape; drop --tokenizer and --preset")
+        from kiln.interop.hf import load_starting_point
+
+        start = load_starting_point(args.init_from)
+    tokenizer = start.tokenizer if start else args.tokenizer
+    data = training_data(args.data, tokenizer, args.data_dir, ReadOptions(one_per_line=args.one_per_line))
     settings = {**(read_config_file(args.config) if args.config else {}), **parse_overrides(args.set)}
     limits = {
         "max_iters": args.max_iters,
         "max_tokens": args.max_tokens,
         "max_time": parse_duration(args.max_time) if args.max_time else None,
+        "epochs": args.epochs,
     }
     best = train_and_report(
-        data, args.preset, settings, {k: v for k, v in limits.items() if v}, Path(args.out), args.resume
+        data,
+        args.preset,
+        settings,
+        {k: v for k, v in limits.items() if v},
+        Path(args.out),
+        args.resume,
+        start=start,
+        init_from=args.init_from,
     )
     print(f'\nsample more with: kiln sample {best} --prompt "..."')
 
@@ -356,8 +411,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     lora = None
     if args.lora_r is not None:
         lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    best = finetune_and_report(args.base, args.data, Path(args.out), settings, lora, args.format, args.data_dir)
+    base = _finetune_base(args)
+    best = finetune_and_report(base, args.data, Path(args.out), settings, lora, args.format, args.data_dir)
     print(f"\nchat with it: kiln chat {best}")
+
+
+def _finetune_base(args: argparse.Namespace) -> str:
+    """The base checkpoint: the positional one, or --init-from (a Hugging Face model is imported first,
+    into OUT/base, so that an adapter has a Kiln checkpoint to name as its base)."""
+    from kiln.interop.hf import import_hf
+    from kiln.train.checkpoint import is_adapter, is_checkpoint
+
+    if bool(args.base) == bool(args.init_from):
+        raise KilnError("give the checkpoint to fine-tune either as BASE or as --init-from, not both or neither")
+    if args.base or is_checkpoint(args.init_from) or is_adapter(args.init_from):
+        return args.base or args.init_from
+    base = Path(args.out) / "base"
+    if (Path(args.out) / "best").exists():
+        raise KilnError(f"{args.out}: already holds a fine-tuning run; choose another --out")
+    print(f"importing {args.init_from} -> {base}")
+    return str(import_hf(args.init_from, base))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -408,6 +481,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged {args.adapter} into {checkpoint.info['base'] if not args.base else args.base} -> {folder}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from kiln.interop.hf import export_hf
+
+    folder = export_hf(args.checkpoint, args.out, base=args.base)
+    print(f"exported {args.checkpoint} -> {folder}")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(folder)!r}) and AutoTokenizer.from_pretrained(...)")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from kiln.interop.hf import import_hf
+
+    folder = import_hf(args.source, args.out)
+    print(f"imported {args.source} -> {folder}")
+    print(f'try it: kiln sample {folder} --prompt "..."')
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from kiln.demo import run_demo
     from kiln.train.run import parse_duration
@@ -427,6 +516,8 @@ COMMANDS = {
     ("chat", None): cmd_chat,
     ("evaluate", None): cmd_evaluate,
     ("merge", None): cmd_merge,
+    ("export", None): cmd_export,
+    ("import", None): cmd_import,
     ("demo", None): cmd_demo,
 }
 

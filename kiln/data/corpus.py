@@ -32,6 +32,7 @@ class ReadOptions:
     errors: str = "strict"  # strict | replace
     text_field: str | None = None
     skip_bad_lines: bool = False
+    one_per_line: bool = False  # text files: each non-empty line is its own document (an example)
 
 
 @dataclass
@@ -59,17 +60,32 @@ class TextFiles(Corpus):
 
     def documents(self) -> Documents:
         for path in self.paths:
-            yield _read_text(path, self.options.errors)
+            if self.options.one_per_line:
+                yield from (iter([line]) for line in _lines(_read_text(path, self.options.errors)) if line.strip())
+            else:
+                yield _read_text(path, self.options.errors)
 
     def fingerprint(self) -> str:
         """A single file's own sha256 (so a data set's registry checksum serves); for several, a hash
-        of their names and sha256s."""
+        of their names and sha256s. Read one example per line, the same text makes other documents."""
         if self.known_sha256:
-            return self.known_sha256
-        if len(self.paths) == 1:
-            return file_sha256(self.paths[0])
-        listing = "".join(f"{p.name}\0{file_sha256(p)}\n" for p in self.paths)
-        return hashlib.sha256(listing.encode()).hexdigest()
+            digest = self.known_sha256
+        elif len(self.paths) == 1:
+            digest = file_sha256(self.paths[0])
+        else:
+            listing = "".join(f"{p.name}\0{file_sha256(p)}\n" for p in self.paths)
+            digest = hashlib.sha256(listing.encode()).hexdigest()
+        return hashlib.sha256(f"{digest}\0lines".encode()).hexdigest() if self.options.one_per_line else digest
+
+
+def _lines(blocks: Iterator[str]) -> Iterator[str]:
+    """The lines of a text read in blocks, without their line ends."""
+    pending = ""
+    for block in blocks:
+        *complete, pending = (pending + block).split("\n")
+        yield from (line.rstrip("\r") for line in complete)
+    if pending:
+        yield pending.rstrip("\r")
 
 
 def _read_text(path: Path, errors: str) -> Iterator[str]:

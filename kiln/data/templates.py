@@ -30,6 +30,8 @@ class Piece:
 class Template:
     name = ""
     special_tokens: tuple[str, ...] = (EOS,)  # what the tokenizer must have
+    # The same rendering as a Jinja chat template, for transformers' apply_chat_template (see export).
+    jinja: str | None = None
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> list[Piece]:
         """Pieces for `messages`; with `generation_prompt`, end where the model's next answer starts."""
@@ -41,6 +43,19 @@ class AlpacaTemplate(Template):
     preamble, and later turns repeat the Instruction/Response headings."""
 
     name = "alpaca"
+    jinja = (
+        "{%- set ns = namespace(preamble='" + ALPACA_PREAMBLE + "', turns=messages) -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set ns.preamble = messages[0]['content'] -%}{%- set ns.turns = messages[1:] -%}"
+        "{%- endif -%}"
+        "{%- for message in ns.turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{- ('\\n\\n' if not loop.first else ns.preamble + '\\n\\n') + '### Instruction:\\n' + message['content'] -}}"
+        "{%- if message.get('context') -%}{{- '\\n\\n### Input:\\n' + message['context'] -}}{%- endif -%}"
+        "{{- '\\n\\n### Response:\\n' -}}"
+        "{%- else -%}{{- message['content'] + eos_token -}}{%- endif -%}"
+        "{%- endfor -%}"
+    )
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> list[Piece]:
         pieces, preamble = [], ALPACA_PREAMBLE
@@ -62,6 +77,14 @@ class ChatTemplate(Template):
 
     name = "chat"
     special_tokens = (EOS, *ROLE_TOKENS.values())
+    jinja = (
+        "{%- for message in messages -%}"
+        "{{- '<|' + message['role'] + '|>\\n' + message['content'] -}}"
+        "{%- if message.get('context') -%}{{- '\\n\\n' + message['context'] -}}{%- endif -%}"
+        "{{- eos_token -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+    )
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> list[Piece]:
         pieces = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -18,17 +19,18 @@ from kiln.data.corpus import ReadOptions, open_corpus
 from kiln.data.fetch import cache_dir
 from kiln.data.prepare import prepare_corpus
 from kiln.data.prepared import PreparedCorpus, is_prepared_dir
-from kiln.data.tokenizers import tokenizer_from_spec
+from kiln.data.tokenizers import Tokenizer, tokenizer_from_spec
 from kiln.errors import ConfigError
 from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.model.presets import get_preset, preset_config
 from kiln.progress import progress_bar
-from kiln.train.checkpoint import load_checkpoint
+from kiln.train.checkpoint import Checkpoint, load_checkpoint
 from kiln.train.hardware import autocast_dtype, physical_cores, pick_device
 from kiln.train.optim import OptimConfig
 from kiln.train.trainer import METRICS_FILE, TrainConfig, train
 
+DEFAULT_PRESET = "tiny"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
 
@@ -50,21 +52,31 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def training_data(spec: str, tokenizer: str | None, data_dir: str | os.PathLike | None) -> PreparedCorpus:
+def training_data(
+    spec: str,
+    tokenizer: str | Tokenizer | None,
+    data_dir: str | os.PathLike | None,
+    options: ReadOptions | None = None,
+) -> PreparedCorpus:
     """A prepared folder as it is, or a data-set name / file prepared on the fly into the user cache.
 
-    The cache folder is named by the data and tokenizer asked for; `prepare` itself reuses it while the
-    source's checksum is unchanged, so a second run starts at once.
+    The cache folder is named by the data, tokenizer and reading options asked for; `prepare` itself
+    reuses it while the source's checksum is unchanged, so a second run starts at once.
     """
+    options = options or ReadOptions()
     if is_prepared_dir(Path(spec)):
-        expected = tokenizer_from_spec(tokenizer, data_dir) if tokenizer and tokenizer != "char" else None
+        expected = tokenizer if isinstance(tokenizer, Tokenizer) else None
+        if isinstance(tokenizer, str) and tokenizer != "char":
+            expected = tokenizer_from_spec(tokenizer, data_dir)
         return PreparedCorpus.open(spec, expect_tokenizer=expected)
     tokenizer = tokenizer or "gpt2"
+    tokenizer_key = tokenizer.fingerprint() if isinstance(tokenizer, Tokenizer) else tokenizer
+    tokenizer_name = tokenizer.kind if isinstance(tokenizer, Tokenizer) else tokenizer.split(":")[0]
     source = str(Path(spec).resolve()) if Path(spec).exists() else spec
-    key = hashlib.sha256(f"{source}\0{tokenizer}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{source}\0{tokenizer_key}\0{options.one_per_line}".encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(spec).name or spec)[:40]
-    folder = cache_dir() / "prepared" / f"{name}-{tokenizer.split(':')[0]}-{key}"
-    return prepare_corpus(open_corpus(spec, data_dir, ReadOptions()), tokenizer, folder, data_dir=data_dir)
+    folder = cache_dir() / "prepared" / f"{name}-{tokenizer_name}-{key}"
+    return prepare_corpus(open_corpus(spec, data_dir, options), tokenizer, folder, data_dir=data_dir)
 
 
 @dataclass
@@ -74,11 +86,33 @@ class RunSettings:
     train: TrainConfig
 
 
-def build_settings(preset: str, vocab_size: int, settings: dict, limits: dict) -> RunSettings:
-    """Preset shape and recipe + the data's vocabulary + file/--set settings + the command's limits."""
-    model = preset_config(preset, vocab_size=vocab_size)
-    ordered = {**get_preset(preset).recipe, **settings, **limits}
+# What a run started from given weights may still change about the model.
+CHANGEABLE_WHEN_INITIALISED = ("block_size", "dropout")
+
+
+def build_settings(
+    preset: str | None, vocab_size: int, settings: dict, limits: dict, start: GPTConfig | None = None
+) -> RunSettings:
+    """Preset shape and recipe (or the shape of the weights the run starts from) + the data's vocabulary
+    + file/--set settings + the command's limits."""
+    if start is None:
+        preset = preset or DEFAULT_PRESET
+        model, recipe = preset_config(preset, vocab_size=vocab_size), get_preset(preset).recipe
+    else:
+        model, recipe = start, {}
+    ordered = {**recipe, **settings, **limits}
     model, optim, train = apply_settings([model, OptimConfig(), TrainConfig()], ordered)
+    if start is not None:
+        fixed = [
+            f"{k} {getattr(start, k)}"
+            for k in start.to_dict()
+            if k not in CHANGEABLE_WHEN_INITIALISED and getattr(model, k) != getattr(start, k)
+        ]
+        if fixed:
+            raise ConfigError(
+                f"--init-from fixes the model's shape ({', '.join(fixed)}); only "
+                f"{' and '.join(CHANGEABLE_WHEN_INITIALISED)} can change"
+            )
     return RunSettings(model, optim, train)
 
 
@@ -122,18 +156,29 @@ class _StepRate:
 
 
 def train_and_report(
-    data: PreparedCorpus, preset: str, settings: dict, limits: dict, out: Path, resume: bool = False
+    data: PreparedCorpus,
+    preset: str | None,
+    settings: dict,
+    limits: dict,
+    out: Path,
+    resume: bool = False,
+    start: Checkpoint | None = None,
+    init_from: str | None = None,
 ) -> Path:
     """What `kiln train` does: say what will run, train with a progress bar, then write loss.png and
-    print a summary and a sample. Returns the best checkpoint's folder."""
-    run = build_settings(preset, data.tokenizer.vocab_size, settings, limits)
+    print a summary and a sample. `start` holds the weights named by `init_from`, if any. Returns the
+    best checkpoint's folder."""
+    run = build_settings(preset, data.tokenizer.vocab_size, settings, limits, start and start.model.config)
+    if start is not None:
+        start.model.resize_context(run.model.block_size)
     with torch.device("meta"):  # count parameters without allocating them
         params = GPT(run.model).num_params()
     tokens_per_step = run.train.tokens_per_step(run.model.block_size)
     device = pick_device(run.train.device)
     print(f"data: {data.summary()}")
     print(
-        f"model: {preset} ({run.model.block_style}, {run.model.n_layer} layers, {run.model.n_head} heads, "
+        f"model: {init_from or preset or DEFAULT_PRESET} "
+        f"({run.model.block_style}, {run.model.n_layer} layers, {run.model.n_head} heads, "
         f"{run.model.n_embd} wide, context {run.model.block_size}): {params / 1e6:.2f}M parameters; "
         f"{tokens_per_step:,} tokens per step"
     )
@@ -144,6 +189,9 @@ def train_and_report(
     )
     rate = _StepRate(tokens_per_step)
     steps_limit = run.train.max_iters or (run.train.max_tokens and -(-run.train.max_tokens // tokens_per_step))
+    if run.train.epochs:
+        by_epochs = math.ceil(run.train.epochs * len(data.tokens("train")) / tokens_per_step)
+        steps_limit = min(steps_limit or by_epochs, by_epochs)
     with progress_bar("training", total=steps_limit, unit="steps") as advance:
         estimated = []
 
@@ -164,6 +212,8 @@ def train_and_report(
                 1, f"training, loss {loss:.3f}, {rate.tokens_per_s(step):,.0f} tokens/s"
             ),
             on_estimate=estimate,
+            init_model=start and start.model,
+            info={"init_from": init_from} if init_from else None,
         )
     plot = plot_losses(out)
     print(

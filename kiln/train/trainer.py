@@ -49,6 +49,7 @@ class TrainConfig:
     max_iters: int | None = None
     max_tokens: int | None = None
     max_time: float | None = None  # seconds
+    epochs: float | None = None  # train on this many times the train split's tokens (windows drawn at random)
     eval_interval: int = 200
     eval_batches: int = 20
     seed: int = 1337
@@ -105,20 +106,25 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     on_estimate: Callable[[int, float], None] | None = None,
+    init_model: GPT | None = None,
+    info: dict | None = None,
 ) -> TrainResult:
-    """Train a GPT on prepared data into `run_dir`.
+    """Train a GPT on prepared data into `run_dir`, from random weights or `init_model`'s.
 
     `on_step(step, loss)` is called after every step; `on_estimate(total_steps, seconds_left)` once the
-    first 10 steps have been timed, and again whenever the pace is measured anew.
+    first 10 steps have been timed, and again whenever the pace is measured anew. `info` is recorded in
+    every checkpoint's config.json.
     """
     run_dir = Path(run_dir)
-    if not (train_config.max_iters or train_config.max_tokens or train_config.max_time):
-        raise ConfigError("give a limit: --max-iters, --max-tokens or --max-time")
+    if not (train_config.max_iters or train_config.max_tokens or train_config.max_time or train_config.epochs):
+        raise ConfigError("give a limit: --max-iters, --max-tokens, --max-time or --epochs")
     device = pick_device(train_config.device)
     threads = set_threads(train_config.threads) if device.type == "cpu" else torch.get_num_threads()
     amp = autocast_dtype(train_config.precision, device)
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(device)
+    if init_model is not None and not resume:
+        model.load_state_dict(init_model.state_dict())
     step_model = torch.compile(model) if train_config.compile else model
     peak = peak_flops(device, amp, threads)
     flops_per_step = flops_per_token(model_config) * train_config.tokens_per_step(model_config.block_size)
@@ -139,6 +145,8 @@ def train(
     limits = [train_config.max_iters] if train_config.max_iters else []
     if train_config.max_tokens:
         limits.append(math.ceil(train_config.max_tokens / tokens_per_step))
+    if train_config.epochs:
+        limits.append(math.ceil(train_config.epochs * len(train_tokens) / tokens_per_step))
     total_steps = min(limits) if limits else None
 
     step, best_val, last_val, elapsed_before = 0, math.inf, math.inf, 0.0
@@ -192,10 +200,10 @@ def train(
             },
             rng=torch.get_rng_state(),
         )
-        info = {"optim": asdict(optim_config), "data": str(data.folder)}
-        save_checkpoint(run_dir / "last", model, data.tokenizer, state, info)
+        saved_info = {"optim": asdict(optim_config), "data": str(data.folder), **(info or {})}
+        save_checkpoint(run_dir / "last", model, data.tokenizer, state, saved_info)
         if val_loss < best_val:
-            save_checkpoint(run_dir / "best", model, data.tokenizer, state, info)
+            save_checkpoint(run_dir / "best", model, data.tokenizer, state, saved_info)
         eval_clock["last"] = time.perf_counter() - began
         eval_clock["total"] += eval_clock["last"]
         return val_loss
