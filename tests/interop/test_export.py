@@ -4,6 +4,8 @@ code and computes what Kiln computes: logits within 1e-4, the same 50 greedy tok
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -163,3 +165,31 @@ def test_fine_tuned_export_carries_its_chat_template(tmp_path, tokenizers, templ
 def test_export_of_a_folder_that_is_not_a_checkpoint_is_one_line(kiln_cli, tmp_path):
     code, _, err = kiln_cli("export", str(tmp_path), "--to", "hf", str(tmp_path / "out"))
     assert code == 2 and err.count("\n") == 1 and "not a Kiln checkpoint" in err
+
+
+def test_smallest_gpt2_trained_for_5_epochs_exports_and_generates_in_transformers(kiln_cli, tmp_path, verdict_text):
+    """LLMs-from-scratch's hand-trained GPT-2 (2 layers, 2 heads, 128 wide, GPT-2 tokenizer), through the CLI."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(verdict_text[:6000])
+    code, out, err = kiln_cli(
+        "train", "--data", str(corpus), "--tokenizer", "gpt2", "--preset", "tiny", "--epochs", "5",
+        "--set", "block_size=128", "--set", "batch_size=2", "--set", "eval_batches=2", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "2 layers, 2 heads, 128 wide" in out
+    train_tokens = int(re.search(r"train ([\d,]+) tokens", out).group(1).replace(",", ""))
+    steps = int(re.search(r"done: ([\d,]+) steps", out).group(1).replace(",", ""))
+    assert steps == math.ceil(5 * train_tokens / (2 * 128))
+    code, _, err = kiln_cli("export", str(tmp_path / "run" / "best"), "--to", "hf", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == GPT2_LAYOUT | {"vocab.json", "merges.txt"}
+
+    hf_model, hf_tokenizer = load_hf(tmp_path / "hf")
+    prompt = "I had always thought Jack Gisburn"
+    ids = hf_tokenizer(prompt, return_tensors="pt")
+    generated = hf_model.generate(**ids, max_new_tokens=50, do_sample=False)[0, ids["input_ids"].shape[1] :]
+    code, out, err = kiln_cli(
+        "sample", str(tmp_path / "run" / "best"), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "50"
+    )
+    assert code == 0, err
+    assert out.rstrip("\n") == prompt + hf_tokenizer.decode(generated)
