@@ -35,6 +35,16 @@ def test_a_large_file_streams_in_blocks_without_splitting_characters(tmp_path):
     assert "".join(chunks) == text
 
 
+def test_one_example_per_line_makes_each_line_a_document_across_blocks(tmp_path):
+    lines = [f"example {n} " + "é" * (n % 7) for n in range(150_000)]  # ~2.5 MB: lines straddle blocks
+    (tmp_path / "lines.txt").write_text("\n".join(lines[:3]) + "\r\n\n  \n" + "\n".join(lines[3:]), encoding="utf-8")
+    whole = open_corpus(tmp_path / "lines.txt")["all"]
+    per_line = open_corpus(tmp_path / "lines.txt", options=ReadOptions(one_per_line=True))["all"]
+    assert read_all(per_line) == lines  # blank lines dropped, \r\n endings stripped
+    assert len(read_all(whole)) == 1
+    assert per_line.fingerprint() != whole.fingerprint()  # so a prepared cache never mixes the two
+
+
 def test_binary_file_is_refused_with_its_offset(tmp_path):
     (tmp_path / "data.bin").write_bytes(b"abc\0def")
     with pytest.raises(DataError, match=r"data.bin: looks binary \(NUL byte at byte 3\).*--errors replace"):
