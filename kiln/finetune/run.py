@@ -68,6 +68,11 @@ def finetune_and_report(
             conversations, template, tokenizer, model.config.block_size, config.prompt_loss
         )
         truncated += cut
+    if not encoded["val"]:
+        raise ConfigError(
+            f"{data.source}: {len(data.conversations)} examples leave no val split (it takes 10%, rounded down); "
+            "give at least 10 examples"
+        )
     print(
         f"data: {data.source} ({data.format}, {len(data.conversations):,} examples): "
         + ", ".join(f"{name} {len(examples):,}" for name, examples in encoded.items())

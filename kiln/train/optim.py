@@ -170,13 +170,16 @@ def _fused_ok(model: nn.Module) -> bool:
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
     """Multiplier on each group's base learning rate at `step` (0-based) of a `total_steps` run."""
     min_ratio = config.min_lr / config.lr
-    if step < config.warmup_iters:
-        return (step + 1) / (config.warmup_iters + 1)
+    # Warmup takes at most a fifth of the run: a short run (a few epochs of a small text) would otherwise
+    # end before it ever reached its learning rate.
+    warmup = min(config.warmup_iters, total_steps // 5)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if config.decay == "constant":
         return 1.0
     if step >= total_steps:
         return min_ratio
-    progress = (step - config.warmup_iters) / max(1, total_steps - config.warmup_iters)
+    progress = (step - warmup) / max(1, total_steps - warmup)
     if config.decay == "cosine":
         return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
     return 1.0 - progress * (1.0 - min_ratio)

@@ -85,11 +85,12 @@ def test_bad_instruction_files_get_one_line_and_exit_2(tmp_path, base_checkpoint
     assert says in err and "\n" not in err
 
 
-def test_an_empty_training_split_is_a_clear_error(tmp_path, base_checkpoint, capsys):
-    data = tmp_path / "one.jsonl"
-    data.write_text('{"question": "a", "answer": "b"}\n')
+def test_too_few_examples_for_a_val_split_is_one_clear_line(tmp_path, base_checkpoint, capsys):
+    data = tmp_path / "few.jsonl"
+    data.write_text('{"question": "a", "answer": "b"}\n' * 9)
     assert main(["finetune", str(base_checkpoint), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
-    assert "split is empty" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "9 examples leave no val split" in err and "at least 10 examples" in err and "\n" not in err
 
 
 def test_a_base_that_is_not_a_checkpoint(tmp_path, instruction_file, capsys):

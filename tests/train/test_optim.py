@@ -103,3 +103,10 @@ def test_fp32_muon_follows_torch_muon_and_shares_its_state():
         assert (a - b).norm() < 0.02 * moved  # the same update, up to bf16 rounding
     assert ours.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
     ours.load_state_dict(reference.state_dict())
+
+
+def test_warmup_never_takes_more_than_a_fifth_of_a_short_run():
+    config = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_iters=100, decay="cosine")
+    factors = [lr_factor(step, 40, config) for step in range(40)]  # 5 epochs of a small text
+    assert factors[:8] == [pytest.approx((s + 1) / 9) for s in range(8)]
+    assert factors[8] == pytest.approx(1.0) and factors[-1] > 0.1
