@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("source", help="a Hugging Face model folder, or a Hub id such as gpt2 or distilgpt2")
     im.add_argument("out", help="the Kiln checkpoint folder to write")
 
+    learn = commands.add_parser(
+        "learn", parents=common, help="the from-zero lessons: list them, or run lesson N step by step"
+    )
+    learn.add_argument("number", nargs="?", type=int, help="the lesson to run (default: list them)")
+    learn.add_argument("--out", help="folder for the lesson's plots (default runs/learn/N)")
+    learn.add_argument("--corpus", help="text to learn from, for lessons that read one (a data-set name or file)")
+
     demo = commands.add_parser(
         "demo",
         parents=common,
@@ -497,6 +504,25 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f'try it: kiln sample {folder} --prompt "..."')
 
 
+def cmd_learn(args: argparse.Namespace) -> None:
+    from kiln.lessons.catalog import LESSONS, LessonContext, run_lesson
+    from kiln.lessons.narrate import Narrator
+
+    if args.number is None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("lesson", "title", "what happens", box=None, pad_edge=False)
+        for lesson in LESSONS.values():
+            table.add_row(str(lesson.number), lesson.title, lesson.summary)
+        Console(width=max(Console().width, 120)).print(table)
+        print("run one with: kiln learn N   (read along: docs/learn/N-*.md)")
+        return
+    out = Path(args.out or f"runs/learn/{args.number}")
+    context = LessonContext(Narrator(out), out, data_dir=args.data_dir, corpus=args.corpus)
+    run_lesson(args.number, context)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from kiln.demo import run_demo
     from kiln.train.run import parse_duration
@@ -518,6 +544,7 @@ COMMANDS = {
     ("merge", None): cmd_merge,
     ("export", None): cmd_export,
     ("import", None): cmd_import,
+    ("learn", None): cmd_learn,
     ("demo", None): cmd_demo,
 }
 
