@@ -199,8 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = commands.add_parser("export", parents=common, help="write a checkpoint as a Hugging Face transformers folder")
     ex.add_argument("checkpoint", help="a checkpoint or LoRA adapter folder (an adapter is merged into its base)")
-    ex.add_argument("--to", choices=["hf"], required=True, help="the format: hf (transformers' save_pretrained layout)")
-    ex.add_argument("out", help="the folder to write")
+    ex.add_argument(
+        "--to",
+        choices=["hf", "gguf"],
+        required=True,
+        help="hf: transformers' save_pretrained folder; gguf: one file for llama.cpp (llama-style models)",
+    )
+    ex.add_argument("out", help="the folder (hf) or .gguf file to write")
     ex.add_argument("--base", help="an adapter's base checkpoint, if it has moved")
 
     im = commands.add_parser(
@@ -489,6 +494,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.to == "gguf":
+        from kiln.interop.gguf_export import export_gguf
+
+        path = export_gguf(args.checkpoint, args.out, base=args.base)
+        print(f"exported {args.checkpoint} -> {path}")
+        print(f"run it with llama.cpp: llama-cli -m {path}")
+        return
     from kiln.interop.hf import export_hf
 
     folder = export_hf(args.checkpoint, args.out, base=args.base)
