@@ -18,6 +18,7 @@ class Lesson:
     title: str
     summary: str
     module: str  # a module with `run(context: LessonContext) -> dict`
+    reads_corpus: bool = True  # whether --corpus means anything to it
 
 
 @dataclass
@@ -54,6 +55,7 @@ LESSONS: dict[int, Lesson] = {
             "Transformer parts in PyTorch",
             "embeddings, one causal attention head, multi-head attention, the block, the mini-transformer",
             "kiln.lessons.transformer_parts",
+            reads_corpus=False,
         ),
         Lesson(
             4,
@@ -82,6 +84,8 @@ def get_lesson(number: int) -> Lesson:
 def run_lesson(number: int, context: LessonContext) -> dict:
     """Run lesson `number`; returns the figures it printed (for tests and the docs)."""
     lesson = get_lesson(number)
+    if context.corpus and not lesson.reads_corpus:
+        raise ConfigError(f"lesson {number} reads no corpus (it works on one fixed sentence); drop --corpus")
     context.out_dir.mkdir(parents=True, exist_ok=True)
     context.narrator.title(f"Lesson {lesson.number}: {lesson.title}")
     context.narrator.say(f"Read along: docs/learn/{lesson.number}-{lesson.slug}.md")

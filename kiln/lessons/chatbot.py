@@ -26,6 +26,7 @@ from kiln.generate.chat import STOPS, ChatSession, run_script
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.lessons.catalog import LessonContext
 from kiln.lessons.narrate import Narrator
+from kiln.lessons.text import lesson_text
 from kiln.model.gpt import GPT
 from kiln.model.lora import LoraSettings, add_lora, count_parameters, load_lora, merge_lora
 from kiln.train.checkpoint import load_checkpoint
@@ -33,6 +34,7 @@ from kiln.train.run import train_and_report
 from kiln.train.trainer import METRICS_FILE
 
 DEFAULT_TEXT = "tinyshakespeare"
+MIN_CHARS = 20_000  # its tenth held out for val must still hold windows of 64 characters
 PRESET = "shakespeare-cpu"
 PRETRAIN_STEPS = {False: 600, True: 30}  # keyed by context.quick
 INSTRUCTIONS = "instruction-data"
@@ -164,6 +166,7 @@ def run(context: LessonContext) -> dict:
 
 def _pretrain(say: Narrator, context: LessonContext, steps: int) -> tuple[Path, dict]:
     spec = context.corpus or DEFAULT_TEXT
+    lesson_text(spec, context.data_dir, MIN_CHARS)  # refuse a text too small to learn from, in one line
     say.step(f"Pretrain a small character-level model on {escape(spec)} ({steps} steps)")
     run_dir = fresh(context.out_dir / "pretrain")
     settings = {"eval_interval": max(1, steps // 2)}

@@ -25,6 +25,6 @@ def lesson_text(spec: str, data_dir: str | os.PathLike | None, min_chars: int, m
     if len(text) < min_chars:
         raise DataError(
             f"{spec}: {len(text):,} characters is too small for this lesson, which needs at least {min_chars:,}; "
-            "give a longer text (the default, tinyshakespeare, has 1.1 million)"
+            "give a longer text, or leave out --corpus for the lesson's own"
         )
     return text

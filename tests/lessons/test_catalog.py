@@ -33,3 +33,18 @@ def test_lesson_text_refuses_a_corpus_too_small(tmp_path, mirror):
     ):
         lesson_text(str(small), mirror, min_chars=1000)
     assert len(lesson_text("tinyshakespeare", mirror, min_chars=1000, max_chars=5000)) == 5000
+
+
+def test_corpus_for_a_lesson_that_reads_none_is_one_line(capsys, tmp_path):
+    assert main(["learn", "3", "--corpus", "tinyshakespeare", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "kiln: error: lesson 3 reads no corpus (it works on one fixed sentence); drop --corpus"
+    )
+
+
+def test_lesson_5_refuses_a_corpus_too_small_before_any_work(capsys, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("to be or not to be\n" * 100)
+    assert main(["learn", "5", "--corpus", str(small), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1,900 characters is too small for this lesson" in err and "\n" not in err
