@@ -3,30 +3,20 @@ and merging it by hand gives peft's merged weights and the same outputs."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
-from rich.console import Console
 
 from kiln.lessons import chatbot
-from kiln.lessons.catalog import LessonContext, run_lesson
-from kiln.lessons.narrate import Narrator
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.model.lora import LoraSettings, add_lora, merge_lora
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, mirror):
-    """Lesson 5 once in quick mode (its own cache folder); the tests read its figures."""
-    out = tmp_path_factory.mktemp("learn5")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache5")))
-        narrator = Narrator(out, Console(file=io.StringIO(), width=120))
-        figures = run_lesson(5, LessonContext(narrator, out, data_dir=mirror, quick=True))
-    return out, figures
+def quick_run(run_quick_lesson):
+    """Lesson 5 once in quick mode; the tests read its figures."""
+    return run_quick_lesson(5)
 
 
 def test_quick_run_completes_and_returns_its_figures(quick_run):

@@ -3,28 +3,19 @@ windows, a training loop that lowers the loss, reproducible sampling, and the le
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
 from kiln.lessons import training
-from kiln.lessons.catalog import LessonContext, run_lesson
-from kiln.lessons.narrate import Narrator
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, mirror):
-    """Lesson 4 once in quick mode (its own cache folder); several tests read its figures and files."""
-    out = tmp_path_factory.mktemp("learn4")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache4")))
-        narrator = Narrator(out, Console(file=io.StringIO(), width=120))
-        figures = run_lesson(4, LessonContext(narrator, out, data_dir=mirror, quick=True))
-    return out, figures
+def quick_run(run_quick_lesson):
+    """Lesson 4 once in quick mode; several tests read its figures and files."""
+    return run_quick_lesson(4)
 
 
 @pytest.fixture(scope="module")
