@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kiln.errors import KilnError
+
 
 @contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
@@ -45,3 +47,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_to_replace(target: Path, force: bool) -> None:
+    """A user-named output that already holds something is replaced only when asked: an atomic write
+    swaps the whole folder, so whatever else was in it would be gone."""
+    target = Path(target)
+    taken = target.is_file() or (target.is_dir() and any(target.iterdir()))
+    if taken and not force:
+        raise KilnError(f"{target}: already exists; choose another path, or pass --force to replace it")

@@ -207,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("out", help="the folder (hf) or .gguf file to write")
     ex.add_argument("--base", help="an adapter's base checkpoint, if it has moved")
+    ex.add_argument("--force", action="store_true", help="replace OUT if it already exists")
 
     im = commands.add_parser(
         "import", parents=common, help="convert a Hugging Face GPT-2 or Llama checkpoint into a Kiln checkpoint"
     )
     im.add_argument("source", help="a Hugging Face model folder, or a Hub id such as gpt2 or distilgpt2")
     im.add_argument("out", help="the Kiln checkpoint folder to write")
+    im.add_argument("--force", action="store_true", help="replace OUT if it already exists")
 
     learn = commands.add_parser(
         "learn", parents=common, help="the from-zero lessons: list them, or run lesson N step by step"
@@ -442,7 +444,7 @@ def _finetune_base(args: argparse.Namespace) -> str:
     if (Path(args.out) / "best").exists():
         raise KilnError(f"{args.out}: already holds a fine-tuning run; choose another --out")
     print(f"importing {args.init_from} -> {base}")
-    return str(import_hf(args.init_from, base))
+    return str(import_hf(args.init_from, base, force=True))  # OUT/base is Kiln's own, from an earlier try
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -497,13 +499,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.to == "gguf":
         from kiln.interop.gguf_export import export_gguf
 
-        path = export_gguf(args.checkpoint, args.out, base=args.base)
+        path = export_gguf(args.checkpoint, args.out, base=args.base, force=args.force)
         print(f"exported {args.checkpoint} -> {path}")
         print(f"run it with llama.cpp: llama-cli -m {path}")
         return
     from kiln.interop.hf import export_hf
 
-    folder = export_hf(args.checkpoint, args.out, base=args.base)
+    folder = export_hf(args.checkpoint, args.out, base=args.base, force=args.force)
     print(f"exported {args.checkpoint} -> {folder}")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(folder)!r}) and AutoTokenizer.from_pretrained(...)")
 
@@ -511,7 +513,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     from kiln.interop.hf import import_hf
 
-    folder = import_hf(args.source, args.out)
+    folder = import_hf(args.source, args.out, force=args.force)
     print(f"imported {args.source} -> {folder}")
     print(f'try it: kiln sample {folder} --prompt "..."')
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.atomic import atomic_file
+from kiln.atomic import atomic_file, refuse_to_replace
 from kiln.data.tokenizers import CharTokenizer, Tokenizer
 from kiln.data.tokenizers.bpe import PAD
 from kiln.errors import KilnError
@@ -46,8 +46,11 @@ def _bpe_merges(backend) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in merges]  # tokenizers writes either form
 
 
-def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+def export_gguf(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Write `checkpoint` (or an adapter merged onto its base) as one fp32 GGUF file."""
+    refuse_to_replace(Path(out), force)
     try:
         import gguf
     except ImportError:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.atomic import atomic_dir
+from kiln.atomic import atomic_dir, refuse_to_replace
 from kiln.data.templates import get_template
 from kiln.data.tokenizers.bpe import PAD
 from kiln.errors import ConfigError, KilnError
@@ -44,10 +44,13 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+def export_hf(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Write `checkpoint` (a Kiln checkpoint, or an adapter merged onto its base) as a transformers folder."""
     from transformers import AutoModelForCausalLM
 
+    refuse_to_replace(Path(out), force)
     _quiet_transformers()
     loaded = load_checkpoint(checkpoint, base=base)
     model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
@@ -115,8 +118,9 @@ def load_hf(source: str | os.PathLike) -> Checkpoint:
     return Checkpoint(model.eval(), tokenizer, info, None)
 
 
-def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+def import_hf(source: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
     """Convert a Hugging Face checkpoint into a Kiln checkpoint folder."""
+    refuse_to_replace(Path(out), force)
     loaded = load_hf(source)
     return save_checkpoint(out, loaded.model, loaded.tokenizer, info=loaded.info)
 

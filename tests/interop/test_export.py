@@ -193,3 +193,17 @@ def test_smallest_gpt2_trained_for_5_epochs_exports_and_generates_in_transformer
     )
     assert code == 0, err
     assert out.rstrip("\n") == prompt + hf_tokenizer.decode(generated)
+
+
+def test_export_and_import_never_replace_a_folder_that_holds_something_unless_forced(kiln_cli, tmp_path, mirror):
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("my own work")
+    code, _, err = kiln_cli("import", str(mirror / "tiny-gpt2"), str(kept))
+    assert code == 2 and err.count("\n") == 1 and "already exists" in err and "--force" in err
+    assert (kept / "notes.txt").read_text() == "my own work"
+    assert kiln_cli("import", str(mirror / "tiny-gpt2"), str(tmp_path / "ckpt"))[0] == 0
+    code, _, err = kiln_cli("export", str(tmp_path / "ckpt"), "--to", "hf", str(kept))
+    assert code == 2 and "already exists" in err and (kept / "notes.txt").exists()
+    assert kiln_cli("export", str(tmp_path / "ckpt"), "--to", "hf", str(kept), "--force")[0] == 0
+    assert (kept / "config.json").is_file() and not (kept / "notes.txt").exists()
