@@ -197,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="folder for the merged checkpoint")
     mg.add_argument("--base", help="the base checkpoint, if it has moved since the adapter was trained")
 
-    ex = commands.add_parser("export", parents=common, help="write a checkpoint as a Hugging Face transformers folder")
+    ex = commands.add_parser(
+        "export",
+        parents=common,
+        help="write a checkpoint for transformers (a save_pretrained folder) or llama.cpp (GGUF)",
+    )
     ex.add_argument("checkpoint", help="a checkpoint or LoRA adapter folder (an adapter is merged into its base)")
     ex.add_argument(
         "--to",
