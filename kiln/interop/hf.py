@@ -32,7 +32,7 @@ HUB_NAMES = {
     "distilgpt2": "distilbert/distilgpt2",
 }
 # What a causal LM folder needs; everything else on the Hub (other frameworks' weights, ONNX) is skipped.
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.json", "*.txt"]
+HUB_FILES = ["*.json", "*.safetensors", "*.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -161,6 +161,14 @@ def _top_names(config: GPTConfig) -> dict[str, str]:
     return {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
 
 
+def _one_to_one_names(config: GPTConfig) -> dict[str, str]:
+    """Kiln name -> transformers name for every tensor that maps whole (the fused ones are split apart)."""
+    names = _top_names(config)
+    for i in range(config.n_layer):
+        names |= _layer_names(config, i)
+    return names
+
+
 def _is_conv1d(hf_name: str) -> bool:
     """GPT-2's Conv1D layers store weight as (in, out): the transpose of nn.Linear's."""
     in_block = hf_name.startswith("transformer.h.") and (".attn." in hf_name or ".mlp." in hf_name)
@@ -170,9 +178,7 @@ def _is_conv1d(hf_name: str) -> bool:
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The model's weights under transformers' names and shapes (biases Kiln leaves out become zeros)."""
     config, ours = model.config, {k: v.detach() for k, v in model.state_dict().items()}
-    names = _top_names(config)
-    for i in range(config.n_layer):
-        names |= _layer_names(config, i)
+    names = _one_to_one_names(config)
     out = {}
     for kiln_name, hf_name in names.items():
         value = ours.get(kiln_name)
@@ -194,9 +200,7 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
     """Kiln's state dict from transformers' weights for the shape `config`."""
-    names = _top_names(config)
-    for i in range(config.n_layer):
-        names |= _layer_names(config, i)
+    names = _one_to_one_names(config)
 
     def take(hf_name: str) -> torch.Tensor:
         if hf_name not in hf:

@@ -8,13 +8,13 @@ the pieces without spaces.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from kiln.data.fetch import file_sha256
 from kiln.data.registry import get_dataset
 from kiln.data.tokenizers import EOS, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from kiln.data.tokenizers.bpe import PAD
@@ -70,15 +70,15 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int, chat_
         backend.model.save(str(folder))  # vocab.json + merges.txt, for the slow GPT2Tokenizer
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_hf_tokenizer(folder: Path) -> Tokenizer:
     """The Kiln tokenizer for a Hugging Face model folder: GPT-2's own vocabulary becomes the tiktoken
     `gpt2` tokenizer (with any tokens added after it); any other tokenizer.json is used as it is."""
     merges, vocab, backend_file = folder / HF_MERGES, folder / HF_VOCAB, folder / HF_TOKENIZER_FILE
-    if merges.is_file() and vocab.is_file() and _sha256(merges) == get_dataset("gpt2-tokenizer").files["merges"].sha256:
+    if (
+        merges.is_file()
+        and vocab.is_file()
+        and file_sha256(merges) == get_dataset("gpt2-tokenizer").files["merges"].sha256
+    ):
         added = ()
         if backend_file.is_file():
             tokens = json.loads(backend_file.read_text(encoding="utf-8")).get("added_tokens", [])

@@ -5,7 +5,6 @@ folder is written atomically, so a save killed half way leaves the previous chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 import kiln
 from kiln.atomic import atomic_dir
+from kiln.data.fetch import file_sha256
 from kiln.data.tokenizers import Tokenizer, load_tokenizer
 from kiln.errors import ConfigError, KilnError
 from kiln.model.gpt import GPT, GPTConfig
@@ -111,11 +111,7 @@ def is_adapter(folder: str | os.PathLike) -> bool:
 
 def weights_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 of a checkpoint's weights file: what an adapter records of the base it was trained on."""
-    digest = hashlib.sha256()
-    with open(Path(folder) / WEIGHTS_FILE, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(folder) / WEIGHTS_FILE)
 
 
 def save_adapter(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -28,7 +27,7 @@ from kiln.progress import progress_bar
 from kiln.train.checkpoint import Checkpoint, load_checkpoint
 from kiln.train.hardware import autocast_dtype, physical_cores, pick_device
 from kiln.train.optim import OptimConfig
-from kiln.train.trainer import METRICS_FILE, TrainConfig, train
+from kiln.train.trainer import METRICS_FILE, TrainConfig, planned_steps, train
 
 DEFAULT_PRESET = "tiny"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
@@ -188,10 +187,7 @@ def train_and_report(
         + (", torch.compile" if run.train.compile else "")
     )
     rate = _StepRate(tokens_per_step)
-    steps_limit = run.train.max_iters or (run.train.max_tokens and -(-run.train.max_tokens // tokens_per_step))
-    if run.train.epochs:
-        by_epochs = math.ceil(run.train.epochs * len(data.tokens("train")) / tokens_per_step)
-        steps_limit = min(steps_limit or by_epochs, by_epochs)
+    steps_limit = planned_steps(run.train, run.model.block_size, len(data.tokens("train")))
     with progress_bar("training", total=steps_limit, unit="steps") as advance:
         estimated = []
 

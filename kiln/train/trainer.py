@@ -69,6 +69,18 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * block_size
 
 
+def planned_steps(train_config: TrainConfig, block_size: int, train_tokens: int) -> int | None:
+    """Steps the run will take by its iteration, token and epoch limits (the first to bind); None when
+    only a time limit is set."""
+    tokens_per_step = train_config.tokens_per_step(block_size)
+    limits = [train_config.max_iters] if train_config.max_iters else []
+    if train_config.max_tokens:
+        limits.append(math.ceil(train_config.max_tokens / tokens_per_step))
+    if train_config.epochs:
+        limits.append(math.ceil(train_config.epochs * train_tokens / tokens_per_step))
+    return min(limits) if limits else None
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -142,12 +154,7 @@ def train(
         data.tokens("val"), model_config, train_config, train_config.seed + 2, f"{data.folder} val"
     )
     tokens_per_step = train_config.tokens_per_step(model_config.block_size)
-    limits = [train_config.max_iters] if train_config.max_iters else []
-    if train_config.max_tokens:
-        limits.append(math.ceil(train_config.max_tokens / tokens_per_step))
-    if train_config.epochs:
-        limits.append(math.ceil(train_config.epochs * len(train_tokens) / tokens_per_step))
-    total_steps = min(limits) if limits else None
+    total_steps = planned_steps(train_config, model_config.block_size, len(train_tokens))
 
     step, best_val, last_val, elapsed_before = 0, math.inf, math.inf, 0.0
     if resume:
