@@ -1,0 +1,198 @@
+"""How fast can one training step of nanoGPT's CPU shape be on this machine? The kernels' floor.
+
+The step of nanoGPT's CPU recipe (gpt2 blocks 4/4/128, block 64, batch 12, fp32) is a fixed list of
+kernels: the matrix products of every Linear forward and backward, attention (SDPA) forward and backward,
+GELU, LayerNorm, the residual adds, cross-entropy, the embedding gather and scatter, clipping and one
+fused AdamW update. This script times each of those kernels alone, in a hot loop at the same shapes and
+thread count, and adds them up: no Python, no autograd bookkeeping, no allocator, caches warm. That sum
+is a floor for the step's time, so `baseline step / floor` bounds the speed-up that any implementation of
+the same fp32 arithmetic can reach here without faster kernels (a lower precision, a faster matmul
+library, a different CPU).
+
+The baseline step (bench/pretrain_vs_nanogpt.py's model and loop) and Kiln's step (the same model in
+kiln.model.gpt, fused AdamW, foreach clipping) are timed in the same process, taking turns with the
+kernel loop in short blocks, because this shared 2-vCPU host drifts by 20-40% from minute to minute.
+Run from the repository root:
+
+    .venv/bin/python bench/step_floor.py [--rounds 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_vs_nanogpt import BATCH, SHAPE, BaselineGPT  # noqa: E402
+
+from kiln.model.gpt import GPT, GPTConfig  # noqa: E402
+
+VOCAB = 65  # Tiny Shakespeare's characters
+ROWS = BATCH * SHAPE["block_size"]  # 768 token positions per step
+
+
+def linear_kernels(n_in: int, n_out: int, bias: bool) -> list:
+    """Forward product (with the bias fused, as addmm does), then the backward's products and bias sum."""
+    x, w, b, g = torch.randn(ROWS, n_in), torch.randn(n_out, n_in), torch.randn(n_out), torch.randn(ROWS, n_out)
+    kernels = [
+        ("matmul: Linear forward", (lambda: torch.addmm(b, x, w.t())) if bias else (lambda: x @ w.t())),
+        ("matmul: Linear backward (input)", lambda: g @ w),
+        ("matmul: Linear backward (weight)", lambda: g.t() @ x),
+    ]
+    if bias:
+        kernels.append(("bias gradients", lambda: g.sum(0)))
+    return kernels
+
+
+def attention_kernel() -> tuple:
+    """SDPA forward and backward through autograd (the flash kernel for CPU and its backward)."""
+    heads, T = SHAPE["n_head"], SHAPE["block_size"]
+    shape = (BATCH, heads, T, SHAPE["n_embd"] // heads)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape)
+
+    def run():
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.autograd.grad(y, (q, k, v), grad)
+
+    return "attention (SDPA forward + backward)", run
+
+
+def step_kernels(params: list[torch.nn.Parameter]) -> list:
+    """Every kernel of one step, once per use."""
+    C, hidden = SHAPE["n_embd"], 4 * SHAPE["n_embd"]
+    h, gh = torch.randn(ROWS, hidden), torch.randn(ROWS, hidden)
+    x, gx, w, b = torch.randn(ROWS, C), torch.randn(ROWS, C), torch.randn(C), torch.randn(C)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, [C], w, b, 1e-5)
+    norm = [
+        ("LayerNorm forward", lambda: torch.ops.aten.native_layer_norm(x, [C], w, b, 1e-5)),
+        (
+            "LayerNorm backward",
+            lambda: torch.ops.aten.native_layer_norm_backward(gx, x, [C], mean, rstd, w, b, [True, True, True]),
+        ),
+    ]
+    kernels = []
+    for _ in range(SHAPE["n_layer"]):
+        kernels += linear_kernels(C, 3 * C, True)
+        kernels += linear_kernels(C, C, True)
+        kernels += linear_kernels(C, hidden, True)
+        kernels += linear_kernels(hidden, C, True)
+        kernels.append(attention_kernel())
+        kernels += [("GELU forward", lambda: F.gelu(h)), ("GELU backward", lambda: torch.ops.aten.gelu_backward(gh, h))]
+        kernels += norm + norm + [("residual adds", lambda: x + gx)] * 2
+    kernels += linear_kernels(C, VOCAB, False) + norm  # the tied head and the final norm
+
+    logits = torch.randn(ROWS, VOCAB, requires_grad=True)
+    targets, idx = torch.randint(0, VOCAB, (ROWS,)), torch.randint(0, VOCAB, (ROWS,))
+    table = torch.randn(VOCAB, C)
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+    def clip():
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, 1.0 / (total + 1e-6))
+
+    def embeddings():  # token and position tables: a gather forward, a scatter-add backward
+        return table[idx], torch.ops.aten.embedding_dense_backward(gx, idx, VOCAB, -1, False)
+
+    kernels += [
+        ("cross-entropy (forward + backward)", lambda: torch.autograd.grad(F.cross_entropy(logits, targets), logits)),
+        ("embeddings (gather + scatter)", embeddings),
+        ("embeddings (gather + scatter)", embeddings),
+        ("gradient clipping (foreach)", clip),
+        ("AdamW update (fused)", optimizer.step),
+    ]
+    return kernels
+
+
+def time_kernels(kernels: list, repeats: int = 20) -> dict[str, float]:
+    """Seconds per step spent in each kind of kernel, each kernel timed alone in a hot loop."""
+    spent: dict[str, float] = {}
+    for name, run in kernels:
+        for _ in range(3):
+            run()
+        began = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        spent[name] = spent.get(name, 0.0) + (time.perf_counter() - began) / repeats
+    return spent
+
+
+def step_runner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, foreach_clip: bool):
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        x = torch.randint(0, VOCAB, (BATCH, SHAPE["block_size"]), generator=generator)
+        _, loss = model(x, x.roll(-1, 1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=foreach_clip or None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    return step
+
+
+def time_steps(step, count: int) -> float:
+    began = time.perf_counter()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - began) / count
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=12, help="turns each of baseline, Kiln and the kernels take")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    baseline = BaselineGPT(VOCAB, **SHAPE)
+    decay = [p for p in baseline.parameters() if p.dim() >= 2]
+    rest = [p for p in baseline.parameters() if p.dim() < 2]
+    baseline_step = step_runner(
+        baseline,
+        torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest}], lr=1e-3, betas=(0.9, 0.99)),
+        foreach_clip=False,
+    )
+    kiln = GPT(GPTConfig(vocab_size=VOCAB, **SHAPE, dropout=0.0))
+    kiln_step = step_runner(kiln, torch.optim.AdamW(kiln.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=True), True)
+    kernels = step_kernels([torch.nn.Parameter(p.detach().clone()) for p in baseline.parameters()])
+
+    for step in (baseline_step, kiln_step):
+        time_steps(step, 10)
+    baseline_times, kiln_times, floors, parts = [], [], [], []
+    for _ in range(args.rounds):
+        baseline_times.append(time_steps(baseline_step, 10))
+        spent = time_kernels(kernels)
+        parts.append(spent)
+        floors.append(sum(spent.values()))
+        kiln_times.append(time_steps(kiln_step, 10))
+
+    base, floor = statistics.median(baseline_times), statistics.median(floors)
+    ceiling = statistics.median(b / f for b, f in zip(baseline_times, floors, strict=True))
+    kiln_ratio = statistics.median(b / k for b, k in zip(baseline_times, kiln_times, strict=True))
+    table = Table(title=f"One step of gpt2 4/4/128, block 64, batch 12, fp32, {torch.get_num_threads()} threads")
+    for column in ("kernels", "ms per step", "share of the baseline step"):
+        table.add_column(column)
+    for name in parts[0]:
+        ms = statistics.median(p[name] for p in parts) * 1e3
+        table.add_row(name, f"{ms:.2f}", f"{ms / base / 1e3:.0%}")
+    table.add_row("all kernels: the floor", f"{floor * 1e3:.2f}", f"{floor / base:.0%}", style="bold")
+    table.add_row("baseline step (nanoGPT's model and loop)", f"{base * 1e3:.2f}", "100%")
+    table.add_row("kiln step", f"{statistics.median(kiln_times) * 1e3:.2f}", f"{1 / kiln_ratio:.0%}")
+    Console(width=160).print(table)
+    print(f"kiln: {kiln_ratio:.2f}x the baseline's speed; the kernels' floor allows at most {ceiling:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
