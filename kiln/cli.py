@@ -386,22 +386,29 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f'\nsample more with: kiln sample {best} --prompt "..."')
 
 
+def sampling_settings(args: argparse.Namespace, seed: int | None):
+    """The sampling options `kiln sample` and `kiln chat` share, as a SamplingConfig."""
+    from kiln.generate.sampling import SamplingConfig
+
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=seed,
+    )
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
-    from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
+    from kiln.generate.sampling import print_stream, stream_text
     from kiln.train.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
     if checkpoint.tokenizer is None:
         raise KilnError(f"{args.checkpoint}: has no tokenizer/ folder, so its output cannot be turned into text")
     for number in range(args.num_samples):
-        config = SamplingConfig(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            seed=None if args.seed is None else args.seed + number,
-        )
+        config = sampling_settings(args, seed=None if args.seed is None else args.seed + number)
         if args.num_samples > 1:
             print(f"--- sample {number + 1}")
         print(args.prompt, end="", flush=True)
@@ -453,18 +460,10 @@ def _finetune_base(args: argparse.Namespace) -> str:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from kiln.generate.chat import ChatSession, chat_loop
-    from kiln.generate.sampling import SamplingConfig
 
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (arrow keys and history at the prompt)
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    sampling = sampling_settings(args, seed=args.seed)
     session = ChatSession.from_checkpoint(args.checkpoint, system=args.system, sampling=sampling)
     chat_loop(session, interactive=sys.stdin.isatty())
 
