@@ -103,14 +103,16 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values as (batch, heads, time, head_dim), rotated when the model uses RoPE."""
         B, T, C = x.shape
-        kv_dim = self.kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        heads = self.n_head + self.kv_heads
+        # Queries and keys side by side as (batch, time, heads, head_dim), so RoPE rotates both at once.
+        qk, v = self.qkv(x).split([heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        qk = qk.view(B, T, heads, self.head_dim)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+            cos, sin = rope
+            qk = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1))
+        v = v.view(B, T, self.kv_heads, self.head_dim)
+        q, k = qk.split([self.n_head, self.kv_heads], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _expand_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kv_heads == self.n_head:
@@ -148,9 +150,34 @@ def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + head_dim/2]) of the last dimension by its position's angle:
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] as in transformers' Llama."""
+    return _Rope.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # rotate_half(x) * sin = [x2, x1] * [-sin, sin]: one flip of the two halves and a sign on the small
+    # table, instead of a negation, two slices and a concatenation of the whole tensor.
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE with its backward written out. A rotation's transpose is the rotation by the opposite angle,
+    so the gradient is the same three kernels with -sin; autograd of the concatenation form runs about
+    twice as many passes over the activations (negation, slices, zero-filled slice gradients, adds)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
 
 
 class MLP(nn.Module):
@@ -172,9 +199,40 @@ class MLP(nn.Module):
         return self.dropout(self.down(F.gelu(self.up(x), approximate=self.approximate)))
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm, with a hand-written backward for fp32 on CPU: there torch computes RMSNorm as a chain
+    of element-wise operations (and autograd differentiates each), about twice the passes over the
+    activations that the formulas below need. GPUs keep torch's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
+            return _RMSNorm.apply(x, self.weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
+        return super().forward(x)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+        rstd = mean_square.add_(eps).rsqrt_()
+        normed = x * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        # y = n * w with n = x * rstd:  dL/dw = sum(g * n);  dL/dx = rstd * (g*w - n * mean(g*w*n)).
+        normed, rstd, weight = ctx.saved_tensors
+        grad_normed_product = grad * normed
+        grad_weight = grad_normed_product.flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        mean_dot = (grad_normed_product @ weight).unsqueeze(-1).div_(-normed.shape[-1])
+        grad_x = torch.addcmul(grad * weight, normed, mean_dot).mul_(rstd)
+        return grad_x, grad_weight, None
+
+
 def _norm(config: GPTConfig) -> nn.Module:
     if config.block_style == "llama":
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 

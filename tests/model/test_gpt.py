@@ -1,4 +1,4 @@
-"""The GPT: published parameter counts, KV-cache parity, reference attention, causality, RoPE, config errors."""
+"""The GPT: published parameter counts, KV-cache parity, reference attention, causality, RoPE, RMSNorm, config errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError
-from kiln.model.gpt import GPT, Attention, GPTConfig, apply_rope, rope_tables
+from kiln.model.gpt import GPT, Attention, GPTConfig, RMSNorm, apply_rope, rope_tables
+from kiln.model.gpt import _RMSNorm as RMSNormFunction
 from kiln.model.kv_cache import KVCache
 from kiln.model.presets import PRESETS, preset_config
 
@@ -135,3 +136,46 @@ def test_a_preset_recipe_is_a_default_that_settings_override():
     assert run.train.max_time == 60.0
     assert build_settings("shakespeare-cpu", 65, {}, {}).optim.lr == PRESETS["shakespeare-cpu"].recipe["lr"]
     assert build_settings("nanogpt-cpu", 65, {}, {}).optim.lr == 1e-3  # no recipe: the defaults
+
+
+def rope_by_concatenation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' Llama form: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def test_rope_and_its_hand_written_backward_match_autograd_of_the_concatenation_form():
+    config = GPTConfig(**SMALL, block_style="llama")
+    cos, sin = (t.unsqueeze(1) for t in rope_tables(config, 7))  # (time, 1, head_dim): broadcast over heads
+    torch.manual_seed(2)
+    x, grad = torch.randn(2, 7, 6, 8, requires_grad=True), torch.randn(2, 7, 6, 8)
+    reference = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(apply_rope(x, cos, sin), rope_by_concatenation(reference, cos, sin))
+    (got,) = torch.autograd.grad(apply_rope(x, cos, sin), x, grad)
+    (expected,) = torch.autograd.grad(rope_by_concatenation(reference, cos, sin), reference, grad)
+    torch.testing.assert_close(got, expected)
+    x64 = torch.randn(1, 7, 2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x64,))
+
+
+def test_rms_norm_and_its_hand_written_backward_match_autograd_of_the_formula():
+    torch.manual_seed(3)
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x, grad = torch.randn(3, 5, 16, requires_grad=True), torch.randn(3, 5, 16)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    expected_y = x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + 1e-5) * w_ref
+    y = norm(x)
+    torch.testing.assert_close(y, expected_y)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, [16], norm.weight, 1e-5))
+    got = torch.autograd.grad(y, (x, norm.weight), grad)
+    expected = torch.autograd.grad(expected_y, (x_ref, w_ref), grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    # A frozen weight (LoRA) gets no gradient, and the input's is unchanged.
+    norm.weight.requires_grad_(False)
+    (frozen,) = torch.autograd.grad(norm(x), x, grad)
+    torch.testing.assert_close(frozen, got[0])
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5), (x64[:1, :2], w64))
