@@ -1,4 +1,4 @@
-"""The GPT: published parameter counts, KV-cache parity, reference attention, causality, RoPE, RMSNorm, config errors."""
+"""The GPT: parameter counts, KV-cache parity, reference attention, causality, RoPE, RMSNorm, config errors."""
 
 from __future__ import annotations
 
