@@ -138,7 +138,7 @@ def step_runner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, foreac
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=foreach_clip or None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        return loss.item()
 
     return step
 
