@@ -135,16 +135,27 @@ def time_kernels(kernels: list, repeats: int = 20) -> dict[str, float]:
     return spent
 
 
-def step_runner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, foreach_clip: bool):
+def step_runner(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    foreach_clip: bool,
+    written_out: StepWithoutAutograd | None = None,
+):
+    """One training step on random tokens, through autograd or through `written_out`'s backward (whose
+    gradient buffers live across steps: it overwrites them, so they are not cleared)."""
     generator = torch.Generator().manual_seed(0)
 
     def step():
         x = torch.randint(0, VOCAB, (BATCH, SHAPE["block_size"]), generator=generator)
-        _, loss = model(x, x.roll(-1, 1))
-        loss.backward()
+        if written_out is None:
+            _, loss = model(x, x.roll(-1, 1))
+            loss.backward()
+        else:
+            loss = written_out.loss_and_gradients(x, x.roll(-1, 1))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=foreach_clip or None)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if written_out is None:
+            optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     return step
@@ -253,20 +264,6 @@ def check_gradients(step: StepWithoutAutograd) -> None:
         torch.testing.assert_close(mine, theirs.grad, rtol=1e-4, atol=1e-6)
 
 
-def written_out_runner(step: StepWithoutAutograd, optimizer: torch.optim.Optimizer):
-    generator = torch.Generator().manual_seed(0)
-    params = list(step.model.parameters())
-
-    def run():
-        x = torch.randint(0, VOCAB, (BATCH, SHAPE["block_size"]), generator=generator)
-        loss = step.loss_and_gradients(x, x.roll(-1, 1))
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        optimizer.step()
-        return loss.item()
-
-    return run
-
-
 def time_steps(step, count: int) -> float:
     began = time.perf_counter()
     for _ in range(count):
@@ -292,7 +289,8 @@ def main() -> int:
     kernels = step_kernels([torch.nn.Parameter(p.detach().clone()) for p in baseline.parameters()])
     written = StepWithoutAutograd(GPT(GPTConfig(vocab_size=VOCAB, **SHAPE, dropout=0.0)))
     check_gradients(written)
-    written_step = written_out_runner(written, torch.optim.AdamW(written.model.parameters(), lr=1e-3, fused=True))
+    written_optimizer = torch.optim.AdamW(written.model.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=True)
+    written_step = step_runner(written.model, written_optimizer, True, written_out=written)
 
     for step in (baseline_step, kiln_step, written_step):
         time_steps(step, 10)
