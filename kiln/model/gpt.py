@@ -102,7 +102,7 @@ class Attention(nn.Module):
 
     def _project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values as (batch, heads, time, head_dim), rotated when the model uses RoPE."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
         heads = self.n_head + self.kv_heads
         # Queries and keys side by side as (batch, time, heads, head_dim), so RoPE rotates both at once.
         qk, v = self.qkv(x).split([heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
