@@ -48,6 +48,10 @@ VARIANTS = {
     "none, seed 3": {"seed": 3},
     "beta1 0.8, seed 2": {"beta1": 0.8, "seed": 2},
     "beta1 0.8, seed 3": {"beta1": 0.8, "seed": 3},
+    "linear decay": {"decay": "linear"},
+    "linear decay to 0": {"decay": "linear", "min_lr": 0.0},
+    "linear decay, seed 2": {"decay": "linear", "seed": 2},
+    "linear decay to 0, seed 2": {"decay": "linear", "min_lr": 0.0, "seed": 2},
 }
 
 
