@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from kiln.checkpoint import load_checkpoint, save_checkpoint
 from kiln.data.instructions import load_instructions
 from kiln.data.templates import get_template
 from kiln.evaluate.run import evaluate
 from kiln.finetune.run import finetune_and_report, prepare_vocabulary
 from kiln.model.lora import LoraSettings
-from kiln.train.checkpoint import load_checkpoint, save_checkpoint
 from kiln.train.run import parse_duration, train_and_report, training_data
 
 DATA = "instruction-data"

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "interop"))
 from hf_compare import greedy_ids, max_logit_gap  # noqa: E402
 
+from kiln.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from kiln.data.tokenizers import EOS, BPETokenizer, CharTokenizer, GPT2Tokenizer  # noqa: E402
 from kiln.interop.hf import export_hf, import_hf  # noqa: E402
 from kiln.model.gpt import GPT, GPTConfig  # noqa: E402
-from kiln.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 SHAPES = {
     "gpt2": dict(block_style="gpt2", n_layer=4, n_head=4, n_embd=256, activation="gelu_tanh"),

@@ -25,8 +25,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_vs_nanogpt import fixed_val_batches  # noqa: E402
 
+from kiln.checkpoint import load_checkpoint  # noqa: E402
 from kiln.model.gpt import GPT  # noqa: E402
-from kiln.train.checkpoint import load_checkpoint  # noqa: E402
 from kiln.train.run import build_settings, training_data  # noqa: E402
 from kiln.train.trainer import estimate_loss, train  # noqa: E402
 

@@ -37,8 +37,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from kiln.checkpoint import load_checkpoint
 from kiln.data.loaders import RandomWindows
-from kiln.train.checkpoint import load_checkpoint
 from kiln.train.run import build_settings, training_data
 from kiln.train.trainer import estimate_loss, train
 

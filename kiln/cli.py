@@ -401,8 +401,8 @@ def sampling_settings(args: argparse.Namespace, seed: int | None):
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from kiln.checkpoint import load_checkpoint
     from kiln.generate.sampling import print_stream, stream_text
-    from kiln.train.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
     if checkpoint.tokenizer is None:
@@ -444,8 +444,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def _finetune_base(args: argparse.Namespace) -> str:
     """The base checkpoint: the positional one, or --init-from (a Hugging Face model is imported first,
     into OUT/base, so that an adapter has a Kiln checkpoint to name as its base)."""
+    from kiln.checkpoint import is_adapter, is_checkpoint
     from kiln.interop.hf import import_hf
-    from kiln.train.checkpoint import is_adapter, is_checkpoint
 
     if bool(args.base) == bool(args.init_from):
         raise KilnError("give the checkpoint to fine-tune either as BASE or as --init-from, not both or neither")
@@ -469,8 +469,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from kiln.device import set_threads
     from kiln.evaluate.run import evaluate
-    from kiln.train.hardware import set_threads
 
     set_threads(None)
     evaluate(
@@ -488,7 +488,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from kiln.train.checkpoint import is_adapter, load_checkpoint, save_checkpoint
+    from kiln.checkpoint import is_adapter, load_checkpoint, save_checkpoint
 
     if not is_adapter(args.adapter):
         raise KilnError(f"{args.adapter}: not a Kiln LoRA adapter folder (its config.json says otherwise)")

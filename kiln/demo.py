@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kiln.checkpoint import load_checkpoint
 from kiln.data.corpus import open_corpus
 from kiln.data.prepare import prepare_corpus
 from kiln.errors import DataError, TokenizerError
@@ -19,7 +20,6 @@ from kiln.finetune.run import finetune_and_report
 from kiln.generate.chat import ChatSession, run_script
 from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
 from kiln.model.lora import LoraSettings
-from kiln.train.checkpoint import load_checkpoint
 from kiln.train.run import format_duration, train_and_report
 
 DEFAULT_CORPUS = "tinyshakespeare"

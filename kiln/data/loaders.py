@@ -1,6 +1,6 @@
 """Batches of (input, target) windows over a memory-mapped token array, target shifted by one.
 
-Both loaders are deterministic under a seed, save and restore their position, and shard across
+The loaders are deterministic under a seed, save and restore their position, and shard across
 data-parallel ranks (`rank`, `world_size`) so each rank sees different windows.
 """
 
@@ -69,6 +69,23 @@ class RandomWindows(_Windows):
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+
+class StepWindows:
+    """Pretraining's rows for the training engine: step s reads `rows_per_step` windows at offsets drawn
+    uniformly from (seed, s) alone, so any step's batch can be rebuilt (exact resume) and shared out
+    between processes without any of them reading another's windows twice."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, rows_per_step: int, seed: int = 0, label: str = ""):
+        _check_long_enough(tokens, block_size, label)
+        self.tokens, self.block_size, self.rows_per_step, self.seed = tokens, block_size, rows_per_step, seed
+
+    def rows(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self.tokens) - self.block_size, size=self.rows_per_step)
+
+    def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return _gather(self.tokens, starts, self.block_size)
 
 
 class SlidingWindows(_Windows):

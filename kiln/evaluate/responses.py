@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from kiln.checkpoint import Checkpoint
 from kiln.data.instructions import Conversation
 from kiln.data.templates import Template, encode_pieces, fit_to_context, get_template
 from kiln.data.tokenizers import Tokenizer
@@ -16,7 +17,6 @@ from kiln.errors import ConfigError, TokenizerError
 from kiln.evaluate.scores import exact_match, rouge_l
 from kiln.generate.sampling import SamplingConfig, stream_text
 from kiln.model.gpt import GPT
-from kiln.train.checkpoint import Checkpoint
 
 IGNORE = -100
 

@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.atomic import atomic_file
+from kiln.checkpoint import Checkpoint, load_checkpoint
 from kiln.data.instructions import load_instructions
 from kiln.data.templates import get_template
+from kiln.device import pick_device
 from kiln.errors import ConfigError
 from kiln.evaluate.data import (
     DEFAULT_SPLIT_SEED,
@@ -25,8 +27,6 @@ from kiln.evaluate.data import (
 from kiln.evaluate.perplexity import corpus_metrics
 from kiln.evaluate.responses import answer_loss, score_responses, summarize
 from kiln.progress import progress_bar
-from kiln.train.checkpoint import Checkpoint, load_checkpoint
-from kiln.train.hardware import pick_device
 
 
 def evaluate(

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from kiln.checkpoint import is_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from kiln.config import apply_settings
 from kiln.data.instructions import InstructionData, load_instructions
 from kiln.data.templates import Template, get_template
 from kiln.data.tokenizers import Tokenizer
+from kiln.device import set_threads
 from kiln.errors import ConfigError
 from kiln.finetune.examples import encode_conversations
 from kiln.finetune.sft import FinetuneConfig, FinetuneResult, run_sft
@@ -20,8 +22,6 @@ from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.gpt import GPT
 from kiln.model.lora import LoraSettings, add_lora, count_parameters
 from kiln.progress import progress_bar
-from kiln.train.checkpoint import is_checkpoint, load_checkpoint, save_adapter, save_checkpoint
-from kiln.train.hardware import set_threads
 
 
 def prepare_vocabulary(

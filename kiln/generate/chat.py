@@ -15,6 +15,7 @@ import os
 import typing
 from collections.abc import Callable, Generator, Iterable
 
+from kiln.checkpoint import load_checkpoint
 from kiln.config import parse_value
 from kiln.data.instructions import Message
 from kiln.data.templates import Piece, Template, encode_pieces, get_template
@@ -22,7 +23,6 @@ from kiln.data.tokenizers import Tokenizer
 from kiln.errors import ConfigError, KilnError
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.gpt import GPT
-from kiln.train.checkpoint import load_checkpoint
 
 # Cooler than `kiln sample` (temperature 0.8, top-k 200): a chat answer should stay on the question.
 CHAT_SAMPLING = {"max_new_tokens": 200, "temperature": 0.7, "top_k": 50}

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from kiln.atomic import atomic_file, refuse_to_replace
+from kiln.checkpoint import load_checkpoint
 from kiln.data.tokenizers import CharTokenizer, Tokenizer
 from kiln.data.tokenizers.bpe import PAD
 from kiln.errors import KilnError
 from kiln.interop.layouts import to_hf_state_dict
 from kiln.interop.tokenizer_files import hf_backend
 from kiln.model.gpt import GPT
-from kiln.train.checkpoint import load_checkpoint
 
 
 def _interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

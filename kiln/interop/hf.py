@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from kiln.atomic import atomic_dir, refuse_to_replace
+from kiln.checkpoint import Checkpoint, is_adapter, is_checkpoint, load_checkpoint, save_checkpoint
 from kiln.data.templates import get_template
 from kiln.data.tokenizers.bpe import PAD
 from kiln.errors import ConfigError, KilnError
 from kiln.interop.layouts import from_hf_state_dict, hf_config, kiln_config, to_hf_state_dict
 from kiln.interop.tokenizer_files import load_hf_tokenizer, save_hf_tokenizer
 from kiln.model.gpt import GPT
-from kiln.train.checkpoint import Checkpoint, is_adapter, is_checkpoint, load_checkpoint, save_checkpoint
 
 # Short names people use for the GPT-2 family, and the Hub repositories that hold them.
 HUB_NAMES = {

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
+from kiln.checkpoint import load_checkpoint
 from kiln.data.corpus import open_corpus
 from kiln.data.instructions import Conversation, InstructionData, instruction_file, load_instructions
 from kiln.data.prepare import prepare_corpus
@@ -29,7 +30,6 @@ from kiln.lessons.narrate import Narrator
 from kiln.lessons.text import lesson_text
 from kiln.model.gpt import GPT
 from kiln.model.lora import LoraSettings, add_lora, count_parameters, load_lora, merge_lora
-from kiln.train.checkpoint import load_checkpoint
 from kiln.train.run import train_and_report
 from kiln.train.trainer import METRICS_FILE
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kiln.device import cpu_has_fast_bf16
 from kiln.errors import ConfigError
-from kiln.train.hardware import cpu_has_fast_bf16
 
 OPTIMIZERS = ("adamw", "muon")
 DECAYS = ("cosine", "linear", "constant")
@@ -65,9 +65,13 @@ def parameter_groups(model: nn.Module) -> ParameterGroups:
     return groups
 
 
-def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.Optimizer]:
-    """One AdamW, or Muon + AdamW. Every group records its `base_lr` for the schedule to scale."""
+def build_optimizers(
+    model: nn.Module, config: OptimConfig, fused: bool | None = None
+) -> list[torch.optim.Optimizer]:
+    """One AdamW, or Muon + AdamW. Every group records its `base_lr` for the schedule to scale. `fused`
+    None: torch's fused AdamW wherever the device has it (not for sharded weights)."""
     groups = parameter_groups(model)
+    fused = _fused_ok(model) if fused is None else fused
     betas = (config.beta1, config.beta2)
     if config.optimizer == "adamw":
         adamw_groups = [
@@ -75,7 +79,7 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
             {"params": groups.no_decay, "weight_decay": 0.0},
         ]
         adamw_groups = [g for g in adamw_groups if g["params"]]
-        optimizers = [torch.optim.AdamW(adamw_groups, lr=config.lr, betas=betas, fused=_fused_ok(model))]
+        optimizers = [torch.optim.AdamW(adamw_groups, lr=config.lr, betas=betas, fused=fused)]
     else:
         muon = Muon(
             groups.hidden_matrices,
@@ -89,7 +93,7 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
             {"params": groups.no_decay, "weight_decay": 0.0},
         ]
         adamw = torch.optim.AdamW(
-            [g for g in adamw_groups if g["params"]], lr=config.lr, betas=betas, fused=_fused_ok(model)
+            [g for g in adamw_groups if g["params"]], lr=config.lr, betas=betas, fused=fused
         )
         optimizers = [muon, adamw]
     for optimizer in optimizers:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.checkpoint import Checkpoint, load_checkpoint
 from kiln.config import apply_settings
 from kiln.data.corpus import ReadOptions, open_corpus
 from kiln.data.fetch import cache_dir
@@ -24,8 +25,7 @@ from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.model.presets import get_preset, preset_config
 from kiln.progress import progress_bar
-from kiln.train.checkpoint import Checkpoint, load_checkpoint
-from kiln.train.hardware import autocast_dtype, physical_cores, pick_device
+from kiln.train.engine import describe_setup
 from kiln.train.optim import OptimConfig
 from kiln.train.trainer import METRICS_FILE, TrainConfig, planned_steps, train
 
@@ -172,8 +172,7 @@ def train_and_report(
         start.model.resize_context(run.model.block_size)
     with torch.device("meta"):  # count parameters without allocating them
         params = GPT(run.model).num_params()
-    tokens_per_step = run.train.tokens_per_step(run.model.block_size)
-    device = pick_device(run.train.device)
+    tokens_per_step = run.train.rows_per_step * run.model.block_size
     print(f"data: {data.summary()}")
     print(
         f"model: {init_from or preset or DEFAULT_PRESET} "
@@ -181,13 +180,9 @@ def train_and_report(
         f"{run.model.n_embd} wide, context {run.model.block_size}): {params / 1e6:.2f}M parameters; "
         f"{tokens_per_step:,} tokens per step"
     )
-    print(
-        f"device: {device}, {'bf16 autocast' if autocast_dtype(run.train.precision, device) else 'fp32'}"
-        + (f", {run.train.threads or physical_cores()} threads" if device.type == "cpu" else "")
-        + (", torch.compile" if run.train.compile else "")
-    )
+    print(describe_setup(run.train, run.model))
     rate = _StepRate(tokens_per_step)
-    steps_limit = planned_steps(run.train, run.model.block_size, len(data.tokens("train")))
+    steps_limit = planned_steps(run.train, len(data.tokens("train")) / tokens_per_step, tokens_per_step)
     with progress_bar("training", total=steps_limit, unit="steps") as advance:
         estimated = []
 

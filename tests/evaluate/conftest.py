@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kiln.checkpoint import save_checkpoint
 from kiln.data.instructions import Conversation, Message
 from kiln.data.templates import ALPACA_PREAMBLE, encode_pieces, get_template
 from kiln.data.tokenizers import EOS, CharTokenizer
 from kiln.model.gpt import GPT, GPTConfig
-from kiln.train.checkpoint import save_checkpoint
 
 # Question, answer pairs that the trained fixture learns by heart, in the chat template.
 LEARNED = [

@@ -8,12 +8,12 @@ import math
 
 import pytest
 
+from kiln.checkpoint import load_checkpoint
 from kiln.data.instructions import load_instructions
 from kiln.errors import ConfigError, DataError, KilnError
 from kiln.evaluate.data import corpus_split
 from kiln.evaluate.perplexity import corpus_metrics
 from kiln.evaluate.run import evaluate
-from kiln.train.checkpoint import load_checkpoint
 
 FIELDS = {"instruction", "input", "reference", "response", "rouge_l", "exact_match", "source"}
 

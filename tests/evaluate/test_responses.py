@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from kiln.checkpoint import load_checkpoint
 from kiln.data.instructions import Conversation, Message
 from kiln.data.templates import encode_pieces, get_template
 from kiln.errors import TokenizerError
 from kiln.evaluate.responses import answer_loss, score_responses, summarize
 from kiln.evaluate.scores import exact_match, rouge_l
-from kiln.train.checkpoint import load_checkpoint
 
 
 def chat(question: str, answer: str) -> Conversation:

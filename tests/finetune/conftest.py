@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from kiln.checkpoint import save_checkpoint
 from kiln.data.tokenizers import EOS, CharTokenizer
 from kiln.model.gpt import GPT, GPTConfig
-from kiln.train.checkpoint import save_checkpoint
 
 QUESTIONS = [
     ("What is the colour of the sky?", "", "The sky is blue."),

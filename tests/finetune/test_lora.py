@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kiln.cli import main
 from kiln.errors import ConfigError
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.model.lora import LoraSettings, add_lora, count_parameters, merge_lora
-from kiln.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 
 
 def small_model(**changes) -> GPT:

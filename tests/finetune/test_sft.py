@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from kiln.checkpoint import is_adapter, is_checkpoint, load_checkpoint
 from kiln.cli import main
 from kiln.data.instructions import load_instructions
 from kiln.data.templates import get_template
 from kiln.finetune.examples import encode_conversations
 from kiln.finetune.sft import masked_loss
-from kiln.train.checkpoint import is_adapter, is_checkpoint, load_checkpoint
 
 
 def val_loss(folder, instruction_file):

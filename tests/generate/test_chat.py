@@ -8,6 +8,7 @@ import string
 import pytest
 import torch
 
+from kiln.checkpoint import save_checkpoint
 from kiln.data.instructions import Message
 from kiln.data.templates import get_template
 from kiln.data.tokenizers import CharTokenizer
@@ -16,7 +17,6 @@ from kiln.generate import chat
 from kiln.generate.chat import ChatSession, chat_loop, run_script
 from kiln.generate.sampling import SamplingConfig, generate
 from kiln.model.gpt import GPT, GPTConfig
-from kiln.train.checkpoint import save_checkpoint
 
 SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
 GREEDY = SamplingConfig(max_new_tokens=16, temperature=0)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from hf_compare import greedy_ids, max_logit_gap
 
+from kiln.checkpoint import save_checkpoint
 from kiln.data.instructions import Message
 from kiln.data.templates import encode_pieces, get_template
 from kiln.data.tokenizers import EOS, CharTokenizer
 from kiln.model.gpt import GPT, GPTConfig
-from kiln.train.checkpoint import save_checkpoint
 
 # Each case varies what the mapping must get right: activation, biases (GPT-2 always has them, so a
 # bias-free Kiln model exports zeros), grouped-query attention, a tied or separate output head.

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hf_compare import max_logit_gap
 
+from kiln.checkpoint import save_checkpoint
 from kiln.model.gpt import GPT, GPTConfig
-from kiln.train.checkpoint import save_checkpoint
 
 gguf = pytest.importorskip("gguf")
 # GGUF name -> transformers name, for the tensors that are only renamed on the way.

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from hf_compare import max_logit_gap
 
-from kiln.train.checkpoint import is_adapter, load_checkpoint
+from kiln.checkpoint import is_adapter, load_checkpoint
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

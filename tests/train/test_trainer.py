@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from kiln.checkpoint import load_checkpoint
 from kiln.data.corpus import open_corpus
 from kiln.data.prepare import prepare_corpus
 from kiln.errors import ConfigError
 from kiln.model.gpt import GPT, GPTConfig
-from kiln.train.checkpoint import load_checkpoint
 from kiln.train.optim import OptimConfig
 from kiln.train.trainer import METRICS_FILE, TrainConfig, TrainingDiverged, train
 
@@ -79,7 +79,7 @@ def test_divergence_stops_with_the_step_and_a_lower_lr(verdict_char, tmp_path, m
     def nan_from_step_3(self, idx, targets=None):
         logits, loss = original(self, idx, targets)
         calls["n"] += self.training
-        return logits, loss * math.nan if self.training and calls["n"] >= 3 else loss
+        return (logits * math.nan, loss) if self.training and calls["n"] >= 3 else (logits, loss)
 
     calls = {"n": 0}
     monkeypatch.setattr(GPT, "forward", nan_from_step_3)
@@ -105,9 +105,9 @@ def test_run_mistakes_are_clear(verdict_char, tmp_path):
 
 
 def test_metrics_carry_speed_and_mfu_and_the_estimate_comes_early(verdict_char, tmp_path, monkeypatch):
-    from kiln.train import trainer
+    from kiln.train import engine
 
-    monkeypatch.setattr(trainer, "peak_flops", lambda device, dtype, threads: 1e12)
+    monkeypatch.setattr(engine, "peak_flops", lambda device, dtype, threads: 1e12)
     estimates = []
     train(
         *configs(verdict_char, max_iters=16, eval_interval=8),
@@ -117,7 +117,7 @@ def test_metrics_carry_speed_and_mfu_and_the_estimate_comes_early(verdict_char, 
     )
     assert len(estimates) == 1 and estimates[0][0] == 16 and 0 < estimates[0][1] < 60
     rows = [json.loads(line) for line in (tmp_path / "r" / METRICS_FILE).read_text().splitlines()]
-    flops_per_step = trainer.flops_per_token(configs(verdict_char)[0]) * 8 * 32
+    flops_per_step = engine.flops_per_token(configs(verdict_char)[0]) * 8 * 32
     for row in rows:
         # MFU is the step rate's FLOPs over the (here pretended) 1 TFLOP/s peak.
         assert row["mfu"] == pytest.approx(row["tokens_per_s"] / (8 * 32) * flops_per_step / 1e12)

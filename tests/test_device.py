@@ -5,18 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln import device as hardware
 from kiln.model.gpt import GPTConfig
-from kiln.train import hardware
+from kiln.train.engine import flops_per_token
 
 
 def test_flops_per_token_counts_each_weight_six_times_plus_attention():
     config = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
     per_layer = 4 * 128 + 3 * 128 * 128 + 3 * 128 + 128 * 128 + 128 + 128 * 512 + 512 + 512 * 128 + 128
     weights = 4 * per_layer + 65 * 128 + 2 * 128  # blocks, tied embedding/head, final LayerNorm
-    assert hardware.flops_per_token(config) == 6 * weights + 12 * 4 * 128 * 64
+    assert flops_per_token(config) == 6 * weights + 12 * 4 * 128 * 64
     untied = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, tie_word_embeddings=False)
     # The untied input table is a lookup (no FLOPs); its separate head is counted.
-    assert hardware.flops_per_token(untied) == hardware.flops_per_token(config)
+    assert flops_per_token(untied) == flops_per_token(config)
 
 
 @pytest.mark.parametrize(

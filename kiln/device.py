@@ -1,5 +1,7 @@
 """What the machine can do: device choice, whether bf16 pays off, thread count, and peak FLOP/s for MFU.
 
+Every stage that runs a model (train, finetune, sample, chat, evaluate, serve) picks its device here.
+
 MFU (model FLOPs utilisation) is the model's arithmetic per second over the device's peak, the measure
 PaLM and nanoGPT report. A CPU's peak is estimated from its vector width, cores and clock; a GPU's is
 looked up by name. Where neither is known MFU is left out rather than guessed.
@@ -14,7 +16,16 @@ from pathlib import Path
 
 import torch
 
-from kiln.model.gpt import GPT, GPTConfig
+from kiln.errors import KilnError
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+# bf16 autocast on a CPU pays only once the matrix products are wide enough for AMX / AVX-512 BF16 to
+# outrun fp32: at nanoGPT's 128-wide shape bf16 ran 15% slower, at GPT-2's 768 several times faster.
+BF16_MIN_WIDTH_CPU = 256
+
+
+class DeviceError(KilnError):
+    """A device that is not on this machine, or a name that is not a device."""
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets.
 GPU_PEAK_TFLOPS = {
@@ -32,15 +43,35 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a named device must be on this machine (DeviceError)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {name}: not a device; choose {DEVICES}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: this machine has no CUDA GPU (or this torch build has no CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
+        return device
+    raise DeviceError(f"--device {name}: Kiln runs on {DEVICES}")
 
 
 @cache
@@ -58,17 +89,34 @@ def cpu_has_fast_bf16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` (auto, fp32, bf16) on `device`; None means plain fp32."""
+def autocast_dtype(precision: str, device: torch.device, width: int | None = None) -> torch.dtype | None:
+    """The autocast dtype for `precision` (auto, fp32, bf16) on `device` for a model `width` wide;
+    None means plain fp32. See `precision_reason` for the rule `auto` follows."""
+    return _precision_choice(precision, device, width)[0]
+
+
+def precision_reason(precision: str, device: torch.device, width: int | None = None) -> str:
+    """What `autocast_dtype` chose and why, in a few words, for the run's opening lines."""
+    dtype, why = _precision_choice(precision, device, width)
+    return f"{'bf16 autocast' if dtype else 'fp32'} ({why})"
+
+
+def _precision_choice(precision: str, device: torch.device, width: int | None) -> tuple[torch.dtype | None, str]:
     if precision == "fp32":
-        return None
+        return None, "asked for"
     if precision == "bf16":
-        return torch.bfloat16
+        return torch.bfloat16, "asked for"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
-    return None
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "the GPU has bf16 tensor cores"
+        return None, "this GPU has no bf16"
+    if device.type != "cpu":
+        return None, f"auto on {device.type}"
+    if not cpu_has_fast_bf16():
+        return None, "this CPU has no AMX / AVX-512 BF16, so bf16 would be emulated and slower"
+    if width is not None and width < BF16_MIN_WIDTH_CPU:
+        return None, f"width {width} < {BF16_MIN_WIDTH_CPU}: too narrow for bf16 to pay on this CPU"
+    return torch.bfloat16, "the CPU has bf16 arithmetic" + (f" and the model is {width} wide" if width else "")
 
 
 def physical_cores() -> int:
@@ -129,12 +177,3 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None, threads: int) ->
     else:
         return None
     return per_cycle * ghz * 1e9 * threads
-
-
-def flops_per_token(config: GPTConfig) -> float:
-    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's score and mix
-    products (PaLM appendix B), counting the full T x T square as PaLM and nanoGPT do."""
-    with torch.device("meta"):
-        params = GPT(config).num_params(exclude_positions=True)
-    embedding = config.vocab_size * config.n_embd if not config.tie_word_embeddings else 0
-    return 6 * (params - embedding) + 12 * config.n_layer * config.n_embd * config.block_size

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln import checkpoint as checkpoint_module
+from kiln.checkpoint import TrainingState, is_checkpoint, load_checkpoint, save_checkpoint
 from kiln.data.tokenizers import CharTokenizer
 from kiln.errors import ConfigError
 from kiln.model.gpt import GPT, GPTConfig
-from kiln.train import checkpoint as checkpoint_module
-from kiln.train.checkpoint import TrainingState, is_checkpoint, load_checkpoint, save_checkpoint
 
 CONFIG = dict(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -44,7 +44,7 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
     model = GPT(GPTConfig(**CONFIG))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
     train_steps(model, optimizer, 3, seed=1)
-    state = TrainingState(optimizers=[optimizer.state_dict()], progress={"step": 3}, rng=torch.get_rng_state())
+    state = TrainingState(optimizers=[optimizer.state_dict()], progress={"step": 3})
     save_checkpoint(tmp_path / "ckpt", model, state=state)
     train_steps(model, optimizer, 2, seed=2)
 

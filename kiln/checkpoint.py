@@ -31,11 +31,11 @@ STATE_JSON = "training_state.json"
 
 @dataclass
 class TrainingState:
-    """Everything besides the weights that resuming needs: optimizer, RNG, data position, counters."""
+    """Everything besides the weights that resuming needs: optimizer state and counters. The data
+    position and the dropout RNG follow from the step, so the step is all they need."""
 
-    optimizers: list[dict] = field(default_factory=list)  # each optimizer's state_dict()
-    progress: dict = field(default_factory=dict)  # step, tokens seen, best val loss, loader state, ...
-    rng: torch.Tensor | None = None  # torch.get_rng_state()
+    optimizers: list[dict] = field(default_factory=list)  # each optimizer's state, keyed by parameter name
+    progress: dict = field(default_factory=dict)  # step, best val loss, time spent, schedule length, ...
 
 
 @dataclass
@@ -81,17 +81,28 @@ def _write_checkpoint(
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
         if state is not None:
-            tensors, optimizer_meta = {}, []
-            for number, state_dict in enumerate(state.optimizers):
-                part_tensors, part_meta = _split_optimizer(state_dict, f"optimizer{number}")
-                tensors.update(part_tensors)
-                optimizer_meta.append(part_meta)
-            if state.rng is not None:
-                tensors["rng.torch"] = state.rng
-            save_file(tensors, str(tmp / STATE_TENSORS))
-            (tmp / STATE_JSON).write_text(
-                json.dumps({"optimizers": optimizer_meta, "progress": state.progress}, indent=2) + "\n"
-            )
+            _write_state(tmp, state)
+
+
+def _write_state(folder: Path, state: TrainingState) -> None:
+    tensors, optimizer_meta = {}, []
+    for number, state_dict in enumerate(state.optimizers):
+        part_tensors, part_meta = _split_optimizer(state_dict, f"optimizer{number}")
+        tensors.update(part_tensors)
+        optimizer_meta.append(part_meta)
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE_JSON).write_text(json.dumps({"optimizers": optimizer_meta, "progress": state.progress}, indent=2) + "\n")
+
+
+def load_training_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> TrainingState | None:
+    """The training state saved beside a checkpoint's (or adapter's) weights, or None when it has none."""
+    folder = Path(folder)
+    if not (folder / STATE_JSON).is_file():
+        return None
+    meta = json.loads((folder / STATE_JSON).read_text())
+    tensors = load_file(str(folder / STATE_TENSORS), device=str(device))
+    optimizers = [_join_optimizer(tensors, part, f"optimizer{number}") for number, part in enumerate(meta["optimizers"])]
+    return TrainingState(optimizers=optimizers, progress=meta["progress"])
 
 
 def _mark(folder: str | os.PathLike) -> str | None:
@@ -115,10 +126,16 @@ def weights_fingerprint(folder: str | os.PathLike) -> str:
 
 
 def save_adapter(
-    folder: str | os.PathLike, peft_model, base: str | os.PathLike, tokenizer: Tokenizer, info: dict | None = None
+    folder: str | os.PathLike,
+    peft_model,
+    base: str | os.PathLike,
+    tokenizer: Tokenizer,
+    info: dict | None = None,
+    state: TrainingState | None = None,
 ) -> Path:
-    """Write a LoRA adapter folder: peft's adapter files, the tokenizer, and a config.json naming the
-    base checkpoint (path and weights checksum) and the model shape the adapter applies to."""
+    """Write a LoRA adapter folder: peft's adapter files, the tokenizer, a config.json naming the base
+    checkpoint (path and weights checksum) and the model shape the adapter applies to, and the training
+    state when given."""
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         peft_model.save_pretrained(str(tmp))
@@ -134,6 +151,8 @@ def save_adapter(
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(tmp / TOKENIZER_DIR)
+        if state is not None:
+            _write_state(tmp, state)
     return folder
 
 
@@ -159,15 +178,7 @@ def load_checkpoint(
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     tokenizer = load_tokenizer(folder / TOKENIZER_DIR) if (folder / TOKENIZER_DIR).is_dir() else None
-    state = None
-    if (folder / STATE_JSON).is_file():
-        meta = json.loads((folder / STATE_JSON).read_text())
-        tensors = load_file(str(folder / STATE_TENSORS), device=str(device))
-        optimizers = [
-            _join_optimizer(tensors, part, f"optimizer{number}") for number, part in enumerate(meta["optimizers"])
-        ]
-        state = TrainingState(optimizers=optimizers, progress=meta["progress"], rng=tensors.get("rng.torch"))
-    return Checkpoint(model.to(device), tokenizer, info, state)
+    return Checkpoint(model.to(device), tokenizer, info, load_training_state(folder, device))
 
 
 def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathLike | None) -> Checkpoint:
@@ -194,25 +205,25 @@ def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathL
 
 
 def _split_optimizer(state_dict: dict, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict as flat tensors (for safetensors) plus the JSON-able remainder."""
-    tensors, scalars = {}, {}
-    for index, values in state_dict["state"].items():
+    """An optimizer state_dict (keyed by parameter index or name) as flat tensors for safetensors, plus
+    the JSON-able remainder."""
+    tensors, entries = {}, []
+    for position, (key, values) in enumerate(state_dict["state"].items()):
+        entry = {"key": key, "scalars": {}, "tensors": []}
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{prefix}.{index}.{name}"] = value.contiguous()
+                tensors[f"{prefix}/{position}/{name}"] = value.contiguous()
+                entry["tensors"].append(name)
             else:
-                scalars.setdefault(str(index), {})[name] = value
-    return tensors, {
-        "param_groups": state_dict["param_groups"],
-        "scalars": scalars,
-        "indices": [int(i) for i in state_dict["state"]],
-    }
+                entry["scalars"][name] = value
+        entries.append(entry)
+    return tensors, {"param_groups": state_dict["param_groups"], "entries": entries}
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> dict:
-    state: dict[int, dict] = {i: dict(meta["scalars"].get(str(i), {})) for i in meta["indices"]}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            _, index, name = key.split(".", 2)
-            state[int(index)][name] = value
+    state = {}
+    for position, entry in enumerate(meta["entries"]):
+        values = dict(entry["scalars"])
+        values.update({name: tensors[f"{prefix}/{position}/{name}"] for name in entry["tensors"]})
+        state[entry["key"]] = values
     return {"state": state, "param_groups": meta["param_groups"]}

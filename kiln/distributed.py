@@ -1,0 +1,138 @@
+"""Processes that train together: the process group torchrun sets up, and the few collectives the
+training engine needs. With one process every call here is a no-op, so the engine is one loop with or
+without ranks (torchtitan's shape: a thin layer over torch.distributed).
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address; `kiln train --nproc N` starts
+torchrun for the user. NCCL joins CUDA processes, gloo CPU ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kiln.errors import KilnError
+
+# How long a rank waits in a collective for the others before it gives up with a message (a rank that
+# died mid-step), instead of hanging forever.
+TIMEOUT_ENV = "KILN_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600
+
+
+class DistributedError(KilnError):
+    """The processes of a run could not work together: a lost rank, or settings they cannot split."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def launched_world() -> World:
+    """The rank and world size torchrun gave this process (one process when not under torchrun)."""
+    env = os.environ
+    size = int(env.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    return World(
+        rank=int(env["RANK"]),
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        size=size,
+        local_size=int(env.get("LOCAL_WORLD_SIZE", str(size))),
+    )
+
+
+_collective_device = torch.device("cpu")  # NCCL reduces tensors on the GPU, gloo on the CPU
+
+
+def join(world: World, device: torch.device) -> None:
+    """Join the process group (once): NCCL for CUDA, gloo otherwise."""
+    global _collective_device
+    if not world.distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    _collective_device = device if device.type == "cuda" else torch.device("cpu")
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=timeout)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def collective(world: World, what: str) -> Iterator[None]:
+    """Turn a peer lost in the middle of `what` into one line that names this rank."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as e:
+        if not world.distributed:
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DistributedError(
+            f"rank {world.rank} of {world.size}: lost the other processes during {what} ({first}); "
+            "another rank probably failed, see its message above"
+        ) from e
+
+
+def all_reduce_sum(world: World, values: torch.Tensor) -> torch.Tensor:
+    """The sum of `values` over every rank (the tensor itself with one process)."""
+    if not world.distributed:
+        return values
+    on_device = values.to(_collective_device)
+    with collective(world, "a step"):
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.to(values.device)
+
+
+def broadcast_tensor(world: World, values: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `values`, on every rank."""
+    if not world.distributed:
+        return values
+    on_device = values.to(_collective_device)
+    with collective(world, "a step"):
+        dist.broadcast(on_device, src=0)
+    return on_device.to(values.device)
+
+
+def broadcast_object(world: World, value):
+    """Rank 0's `value`, on every rank."""
+    if not world.distributed:
+        return value
+    box = [value]
+    with collective(world, "a broadcast"):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World, what: str) -> None:
+    if world.distributed:
+        with collective(world, what):
+            dist.barrier()
+
+
+def quiet_other_ranks(world: World) -> None:
+    """Only rank 0 prints what a run says; the others' standard output goes nowhere (errors still show)."""
+    if world.distributed and not world.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
