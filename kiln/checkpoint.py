@@ -91,7 +91,9 @@ def _write_state(folder: Path, state: TrainingState) -> None:
         tensors.update(part_tensors)
         optimizer_meta.append(part_meta)
     save_file(tensors, str(folder / STATE_TENSORS))
-    (folder / STATE_JSON).write_text(json.dumps({"optimizers": optimizer_meta, "progress": state.progress}, indent=2) + "\n")
+    (folder / STATE_JSON).write_text(
+        json.dumps({"optimizers": optimizer_meta, "progress": state.progress}, indent=2) + "\n"
+    )
 
 
 def load_training_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> TrainingState | None:
@@ -101,15 +103,23 @@ def load_training_state(folder: str | os.PathLike, device: str | torch.device = 
         return None
     meta = json.loads((folder / STATE_JSON).read_text())
     tensors = load_file(str(folder / STATE_TENSORS), device=str(device))
-    optimizers = [_join_optimizer(tensors, part, f"optimizer{number}") for number, part in enumerate(meta["optimizers"])]
+    optimizers = [
+        _join_optimizer(tensors, part, f"optimizer{number}") for number, part in enumerate(meta["optimizers"])
+    ]
     return TrainingState(optimizers=optimizers, progress=meta["progress"])
 
 
-def _mark(folder: str | os.PathLike) -> str | None:
+def read_info(folder: str | os.PathLike) -> dict:
+    """A checkpoint's or adapter's config.json ({} when there is none to read)."""
     try:
-        return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("kiln")
-    except (OSError, ValueError, AttributeError):
-        return None
+        info = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _mark(folder: str | os.PathLike) -> str | None:
+    return read_info(folder).get("kiln")
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:

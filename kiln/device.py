@@ -27,6 +27,7 @@ BF16_MIN_WIDTH_CPU = 256
 class DeviceError(KilnError):
     """A device that is not on this machine, or a name that is not a device."""
 
+
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets.
 GPU_PEAK_TFLOPS = {
     "H200": 989.0,
@@ -60,7 +61,9 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: this machine has no CUDA GPU (or this torch build has no CUDA); use --device cpu")
+            raise DeviceError(
+                f"--device {name}: this machine has no CUDA GPU (or this torch build has no CUDA); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(
                 f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to "

@@ -21,10 +21,8 @@ import torch.nn.functional as F
 
 from kiln.data.tokenizers import Tokenizer
 from kiln.errors import ConfigError, DataError
-from kiln.model.gpt import GPT
+from kiln.model.gpt import GPT, IGNORE
 from kiln.progress import progress_bar
-
-IGNORE = -100
 
 
 @dataclass

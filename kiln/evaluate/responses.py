@@ -16,9 +16,7 @@ from kiln.data.tokenizers import Tokenizer
 from kiln.errors import ConfigError, TokenizerError
 from kiln.evaluate.scores import exact_match, rouge_l
 from kiln.generate.sampling import SamplingConfig, stream_text
-from kiln.model.gpt import GPT
-
-IGNORE = -100
+from kiln.model.gpt import GPT, IGNORE
 
 
 @dataclass

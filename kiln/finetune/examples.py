@@ -16,8 +16,7 @@ from kiln.data.instructions import Conversation
 from kiln.data.templates import Template, encode_pieces, fit_to_context
 from kiln.data.tokenizers import Tokenizer
 from kiln.errors import DataError
-
-IGNORE = -100
+from kiln.model.gpt import IGNORE
 
 
 @dataclass
@@ -56,29 +55,27 @@ def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch
     return inputs, labels
 
 
-class EpochBatches:
-    """Shuffled batches, epoch after epoch (the order of epoch e depends only on seed and e)."""
+class ExampleSteps:
+    """Fine-tuning's rows for the training engine: each epoch shuffles the examples (the order of epoch e
+    depends only on seed and e) and step s takes the next `rows_per_step` of them, the last step of an
+    epoch what is left. Any step's examples follow from the step alone (exact resume on any world size)."""
 
-    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int = 0):
+    def __init__(self, examples: list[Example], rows_per_step: int, pad_id: int, seed: int = 0):
         if not examples:
             raise DataError("no training examples are left after filtering; check the data and block_size")
-        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
-        self.epoch = self.index = 0
+        self.examples, self.rows_per_step, self.pad_id, self.seed = examples, rows_per_step, pad_id, seed
 
     @property
-    def batches_per_epoch(self) -> int:
-        return -(-len(self.examples) // self.batch_size)
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.examples) // self.rows_per_step)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self
+    def rows(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        return order[index * self.rows_per_step : (index + 1) * self.rows_per_step]
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
-        chosen = order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
-        self.index += 1
-        return pad_batch([self.examples[i] for i in chosen], self.pad_id)
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_batch([self.examples[i] for i in rows], self.pad_id)
 
 
 def in_batches(examples: list[Example], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

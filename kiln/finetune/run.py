@@ -9,19 +9,29 @@ from pathlib import Path
 
 import torch
 
-from kiln.checkpoint import is_checkpoint, load_checkpoint, save_adapter, save_checkpoint
-from kiln.config import apply_settings
+from kiln.checkpoint import (
+    TrainingState,
+    is_adapter,
+    is_checkpoint,
+    load_checkpoint,
+    load_training_state,
+    read_info,
+    save_adapter,
+    save_checkpoint,
+)
 from kiln.data.instructions import InstructionData, load_instructions
 from kiln.data.templates import Template, get_template
 from kiln.data.tokenizers import Tokenizer
-from kiln.device import set_threads
+from kiln.device import pick_device
+from kiln.distributed import launched_world
 from kiln.errors import ConfigError
 from kiln.finetune.examples import encode_conversations
-from kiln.finetune.sft import FinetuneConfig, FinetuneResult, run_sft
+from kiln.finetune.sft import finetune_settings, run_sft
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.gpt import GPT
 from kiln.model.lora import LoraSettings, add_lora, count_parameters
 from kiln.progress import progress_bar
+from kiln.train.engine import TrainResult, describe_setup, planned_steps
 
 
 def prepare_vocabulary(
@@ -43,15 +53,19 @@ def finetune_and_report(
     lora: LoraSettings | None = None,
     data_format: str | None = None,
     data_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Fine-tune the checkpoint `base` on instruction data into `out`; returns the best weights' folder
-    (a full checkpoint, or an adapter folder with LoRA)."""
-    (config,) = apply_settings([FinetuneConfig()], settings)
+    """Fine-tune the checkpoint `base` on instruction data into `out` (or continue the run there from its
+    `last/`); returns the best weights' folder (a full checkpoint, or an adapter folder with LoRA)."""
+    config, train_config = finetune_settings(settings)
     if lora and not is_checkpoint(base):
         raise ConfigError(f"{base}: LoRA needs a full Kiln checkpoint as its base; merge an adapter first (kiln merge)")
-    if (out / "best").exists():
-        raise ConfigError(f"{out}: already holds a fine-tuning run; choose another --out")
-    set_threads(None)
+    if resume:
+        _check_resumable(out / "last", base, data_spec, lora)
+    elif (out / "best").exists() or (out / "last").exists():
+        raise ConfigError(
+            f"{out}: already holds a fine-tuning run; pass --resume to continue it or choose another --out"
+        )
     checkpoint = load_checkpoint(base)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     if tokenizer is None:
@@ -102,41 +116,77 @@ def finetune_and_report(
         },
     }
 
-    def save_best() -> None:
+    def save(folder: Path, module, state: TrainingState | None) -> None:
         if lora:
-            save_adapter(out / "best", trained, base, tokenizer, info)
+            save_adapter(folder, module, base, tokenizer, info, state)
         else:
-            save_checkpoint(out / "best", model, tokenizer, info=info)
+            save_checkpoint(folder, module, tokenizer, state, info)
 
-    with progress_bar("fine-tuning", total=None, unit="steps") as advance:
+    def restore(folder: Path, module) -> TrainingState:
+        return _restore(folder, module, lora is not None)
+
+    print(describe_setup(train_config, model.config))
+    steps_per_epoch = -(-len(encoded["train"]) // train_config.rows_per_step)
+    with progress_bar("fine-tuning", total=planned_steps(train_config, steps_per_epoch, None), unit="steps") as advance:
         result = run_sft(
             trained,
             encoded["train"],
             encoded["val"],
             config,
+            train_config,
             tokenizer.eos_id,
             out,
-            save_best,
+            save,
+            restore,
+            resume=resume,
             on_step=lambda step, loss: advance(1, f"fine-tuning, loss {loss:.3f}"),
-            on_total=lambda steps: advance(0, total=steps),
+            on_estimate=lambda steps, seconds: advance(0, total=steps),
             lora=lora is not None,
         )
-    _report(result, out)
-    _show_example(out / "best", splits["test"] or splits["val"])
+    if launched_world().is_main:
+        _report(result, out, steps_per_epoch)
+        _show_example(out / "best", splits["test"] or splits["val"], train_config.device)
     return out / "best"
 
 
-def _report(result: FinetuneResult, out: Path) -> None:
+def _check_resumable(last: Path, base: str | os.PathLike, data_spec: str, lora: LoraSettings | None) -> None:
+    """A fine-tuning run continues only from its own `last/`, with the base and data it began with."""
+    if not (is_checkpoint(last) or is_adapter(last)) or load_training_state(last) is None:
+        raise ConfigError(f"{last}: no fine-tuning checkpoint to resume; drop --resume to start a new run")
+    saved = read_info(last).get("finetune", {})
+    if saved.get("base") != str(Path(base).resolve()) or saved.get("data") != data_spec:
+        raise ConfigError(
+            f"{last}: was fine-tuned from {saved.get('base')} on {saved.get('data')}; "
+            "resume with the same base and --data"
+        )
+    if bool(saved.get("lora")) != bool(lora) or (lora and saved.get("lora") != asdict(lora)):
+        raise ConfigError(f"{last}: was trained with LoRA settings {saved.get('lora')}; resume with the same ones")
+
+
+def _restore(folder: Path, module, lora: bool) -> TrainingState:
+    """Load `folder`'s trained weights into `module` (the whole model, or the adapter of a peft model)."""
+    from safetensors.torch import load_file
+
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(module, load_file(str(folder / "adapter_model.safetensors")))
+    else:
+        module.load_state_dict(load_checkpoint(folder).model.state_dict())
+    return load_training_state(folder)
+
+
+def _report(result: TrainResult, out: Path, steps_per_epoch: int) -> None:
     print(
-        f"done: {result.steps:,} steps ({result.epochs:.2f} epochs) in {result.seconds:.0f}s"
+        f"done: {result.steps:,} steps ({result.steps / steps_per_epoch:.2f} epochs) in {result.seconds:.0f}s"
         + (" (stopped early: val loss stopped improving)" if result.stopped_early else "")
-        + f"; val loss {result.val_loss_before:.4f} before, {result.best_val_loss:.4f} best"
+        + f"; val loss {result.first_val_loss:.4f} before, {result.best_val_loss:.4f} best"
     )
     print(f"best weights: {out / 'best'}; metrics: {out / 'metrics.jsonl'}")
 
 
-def _show_example(best: Path, conversations: list) -> None:
-    checkpoint = load_checkpoint(best)
+def _show_example(best: Path, conversations: list, device: str) -> None:
+    checkpoint = load_checkpoint(best, pick_device(device))
     template = get_template(checkpoint.info.get("template"))
     example = conversations[0]
     prompt = example.prompt_messages()

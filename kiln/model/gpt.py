@@ -20,6 +20,7 @@ BLOCK_STYLES = ("gpt2", "llama")
 # gpt2 blocks' MLP activation: exact GELU (nanoGPT's, and about 2x faster on CPU than the tanh form) or
 # GPT-2's own tanh approximation (what OpenAI's weights were trained with; transformers' "gelu_new").
 ACTIVATIONS = ("gelu", "gelu_tanh")
+IGNORE = -100  # a target the loss skips (padding, prompt tokens): torch's ignore_index
 RENAMED = {"tie_weights": "tie_word_embeddings"}  # settings read from configs written before a rename
 
 
@@ -362,7 +363,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+            logits_2d = logits.reshape(-1, logits.size(-1)).float()
+            loss = F.cross_entropy(logits_2d, targets.reshape(-1), ignore_index=IGNORE)
         return logits, loss
 
     @torch.no_grad()

@@ -42,7 +42,7 @@ from kiln.distributed import (
     launched_world,
 )
 from kiln.errors import ConfigError, KilnError
-from kiln.model.gpt import GPT, GPTConfig
+from kiln.model.gpt import GPT, IGNORE, GPTConfig
 from kiln.train.metrics import METRICS_FILE, MetricsLog
 from kiln.train.optim import OptimConfig, build_optimizers, lr_factor, set_learning_rates
 from kiln.train.parallel import (
@@ -54,7 +54,6 @@ from kiln.train.parallel import (
     wrap_model,
 )
 
-IGNORE = -100
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 LOGS = ("jsonl", "tensorboard")
@@ -181,7 +180,9 @@ def planned_steps(config: TrainConfig, steps_per_epoch: float, tokens_per_step: 
     limits = [config.max_iters] if config.max_iters else []
     if config.max_tokens:
         if not tokens_per_step:
-            raise ConfigError("--max-tokens needs fixed-length rows; fine-tuning takes --max-iters, --epochs or --max-time")
+            raise ConfigError(
+                "--max-tokens needs fixed-length rows; fine-tuning takes --max-iters, --epochs or --max-time"
+            )
         limits.append(math.ceil(config.max_tokens / tokens_per_step))
     if config.epochs:
         limits.append(math.ceil(config.epochs * steps_per_epoch))
@@ -377,7 +378,9 @@ def train_model(
             "lr": optimizers[-1].param_groups[0]["lr"],
             "tokens": step * tokens_per_step if tokens_per_step else None,
             "tokens_per_s": steps_timed * tokens_per_step / step_seconds if step_seconds and tokens_per_step else None,
-            "mfu": steps_timed * flops_per_step / step_seconds / peak if step_seconds and peak and flops_per_step else None,
+            "mfu": steps_timed * flops_per_step / step_seconds / peak
+            if step_seconds and peak and flops_per_step
+            else None,
             "elapsed_s": time.perf_counter() - start,
         }
         if metrics:

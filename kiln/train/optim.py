@@ -65,9 +65,7 @@ def parameter_groups(model: nn.Module) -> ParameterGroups:
     return groups
 
 
-def build_optimizers(
-    model: nn.Module, config: OptimConfig, fused: bool | None = None
-) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, config: OptimConfig, fused: bool | None = None) -> list[torch.optim.Optimizer]:
     """One AdamW, or Muon + AdamW. Every group records its `base_lr` for the schedule to scale. `fused`
     None: torch's fused AdamW wherever the device has it (not for sharded weights)."""
     groups = parameter_groups(model)
@@ -92,9 +90,7 @@ def build_optimizers(
             {"params": groups.other_matrices, "weight_decay": config.weight_decay},
             {"params": groups.no_decay, "weight_decay": 0.0},
         ]
-        adamw = torch.optim.AdamW(
-            [g for g in adamw_groups if g["params"]], lr=config.lr, betas=betas, fused=fused
-        )
+        adamw = torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=config.lr, betas=betas, fused=fused)
         optimizers = [muon, adamw]
     for optimizer in optimizers:
         for group in optimizer.param_groups:

@@ -100,7 +100,8 @@ def optimizer_states(module: nn.Module, optimizers: list, parallel: str, world: 
             {
                 "state": {index_names[i]: values for i, values in state_dict["state"].items()},
                 "param_groups": [
-                    {**group, "params": [index_names[i] for i in group["params"]]} for group in state_dict["param_groups"]
+                    {**group, "params": [index_names[i] for i in group["params"]]}
+                    for group in state_dict["param_groups"]
                 ],
             }
         )

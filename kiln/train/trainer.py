@@ -77,7 +77,9 @@ def train(
         train_tokens, model_config.block_size, train_config.rows_per_step, train_config.seed, f"{data.folder} train"
     )
     train_eval = _fixed_batches(train_tokens, model_config, train_config, train_config.seed + 1, "train")
-    val_eval = _fixed_batches(data.tokens("val"), model_config, train_config, train_config.seed + 2, f"{data.folder} val")
+    val_eval = _fixed_batches(
+        data.tokens("val"), model_config, train_config, train_config.seed + 2, f"{data.folder} val"
+    )
     tokens_per_step = train_config.rows_per_step * model_config.block_size
     saved_info = {"optim": asdict(optim_config), "data": str(data.folder), **(info or {})}
 
@@ -114,7 +116,9 @@ def _restore(folder: Path, model: GPT, model_config: GPTConfig, data: PreparedCo
     if checkpoint.model.config != model_config:
         saved, asked = checkpoint.model.config.to_dict(), model_config.to_dict()
         differs = ", ".join(f"{k} {saved[k]} vs {asked[k]}" for k in saved if saved[k] != asked[k])
-        raise ConfigError(f"{folder}: the checkpoint's model config disagrees ({differs}); resume with the same settings")
+        raise ConfigError(
+            f"{folder}: the checkpoint's model config disagrees ({differs}); resume with the same settings"
+        )
     if checkpoint.tokenizer is None or checkpoint.tokenizer.fingerprint() != data.tokenizer.fingerprint():
         raise ConfigError(f"{folder}: was trained with another tokenizer than {data.folder} uses")
     if checkpoint.state is None:
