@@ -34,6 +34,18 @@ def _add_one_per_line(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+
+
+def _add_processes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="train data-parallel in this many processes on this machine (torchrun; see docs/train.md)",
+    )
+
+
 def _read_options(args: argparse.Namespace):
     from kiln.data.corpus import ReadOptions
 
@@ -125,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-time", help="stop after this long, e.g. 90s, 3m, 1h")
     tr.add_argument("--epochs", type=float, help="stop after this many times the train split's tokens")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ checkpoint")
+    _add_device(tr)
+    _add_processes(tr)
 
     sa = commands.add_parser("sample", parents=common, help="generate text from a checkpoint, streamed")
     sa.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN_DIR/best")
@@ -142,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when this text appears (repeatable; \\n and \\t stand for newline and tab)",
     )
     sa.add_argument("--num-samples", type=int, default=1)
+    _add_device(sa)
 
     ft = commands.add_parser(
         "finetune", parents=common, help="fine-tune a checkpoint to follow instructions (full or LoRA)"
@@ -168,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set lr=1e-3 --set block_size=512"
     )
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ checkpoint")
+    _add_device(ft)
+    _add_processes(ft)
 
     ch = commands.add_parser("chat", parents=common, help="talk to a checkpoint in the terminal, streamed")
     ch.add_argument("checkpoint", help="a checkpoint or adapter folder, e.g. RUN_DIR/best")
@@ -178,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=200)
     ch.add_argument("--repetition-penalty", type=float, default=1.0)
     ch.add_argument("--seed", type=int)
+    _add_device(ch)
 
     ev = commands.add_parser(
         "evaluate", parents=common, help="score a checkpoint: loss and bits per byte on text, ROUGE-L on instructions"
@@ -191,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text-field", help="field holding the text in JSON/JSONL records")
     ev.add_argument("--out", help="JSONL of per-example scores (default: beside the checkpoint)")
     ev.add_argument("--base", help="an adapter's base checkpoint, if it has moved")
+    _add_device(ev)
 
     mg = commands.add_parser("merge", parents=common, help="fold a LoRA adapter into its base: a full checkpoint")
     mg.add_argument("adapter", help="an adapter folder that `kiln finetune --lora-r` wrote")
@@ -352,7 +372,9 @@ def cmd_presets(args: argparse.Namespace) -> None:
     Console(width=max(Console().width, 140)).print(table)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
+    if _relaunched(args):
+        return args.exit_code
     from kiln.config import parse_overrides, read_config_file
     from kiln.data.corpus import ReadOptions
     from kiln.train.run import parse_duration, train_and_report, training_data
@@ -367,6 +389,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     tokenizer = start.tokenizer if start else args.tokenizer
     data = training_data(args.data, tokenizer, args.data_dir, ReadOptions(one_per_line=args.one_per_line))
     settings = {**(read_config_file(args.config) if args.config else {}), **parse_overrides(args.set)}
+    if args.device != "auto":
+        settings["device"] = args.device
     limits = {
         "max_iters": args.max_iters,
         "max_tokens": args.max_tokens,
@@ -386,6 +410,37 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f'\nsample more with: kiln sample {best} --prompt "..."')
 
 
+def _relaunched(args: argparse.Namespace) -> bool:
+    """With --nproc N (and not already under torchrun), run this same command as N processes."""
+    import torch
+
+    from kiln.device import pick_device
+    from kiln.distributed import DistributedError, launch, launched_world
+
+    if not args.nproc or args.nproc == 1 or launched_world().distributed:
+        return False
+    device = pick_device(args.device)  # a device that is not here is one line, not one per process
+    if device.type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise DistributedError(
+            f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} CUDA GPU(s), one per process; "
+            "give at most that many, or --device cpu"
+        )
+    args.exit_code = launch(args.nproc, _without_nproc(args.argv))
+    return True
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
 def sampling_settings(args: argparse.Namespace, seed: int | None):
     """The sampling options `kiln sample` and `kiln chat` share, as a SamplingConfig."""
     from kiln.generate.sampling import SamplingConfig
@@ -402,9 +457,11 @@ def sampling_settings(args: argparse.Namespace, seed: int | None):
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from kiln.checkpoint import load_checkpoint
+    from kiln.device import pick_device, set_threads
     from kiln.generate.sampling import print_stream, stream_text
 
-    checkpoint = load_checkpoint(args.checkpoint)
+    set_threads(None)
+    checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
     if checkpoint.tokenizer is None:
         raise KilnError(f"{args.checkpoint}: has no tokenizer/ folder, so its output cannot be turned into text")
     for number in range(args.num_samples):
@@ -416,7 +473,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, stops))
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
+def cmd_finetune(args: argparse.Namespace) -> int | None:
+    if _relaunched(args):
+        return args.exit_code
     from kiln.config import parse_overrides
     from kiln.finetune.run import finetune_and_report
     from kiln.model.lora import LoraSettings
@@ -430,6 +489,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         ("early_stop", args.early_stop),
         ("prompt_loss", args.prompt_loss or None),
         ("template", args.template),
+        ("device", None if args.device == "auto" else args.device),
     ):
         if value is not None:
             settings[key] = value
@@ -437,7 +497,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.lora_r is not None:
         lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     base = _finetune_base(args)
-    best = finetune_and_report(base, args.data, Path(args.out), settings, lora, args.format, args.data_dir)
+    best = finetune_and_report(
+        base, args.data, Path(args.out), settings, lora, args.format, args.data_dir, resume=args.resume
+    )
     print(f"\nchat with it: kiln chat {best}")
 
 
@@ -452,6 +514,8 @@ def _finetune_base(args: argparse.Namespace) -> str:
     if args.base or is_checkpoint(args.init_from) or is_adapter(args.init_from):
         return args.base or args.init_from
     base = Path(args.out) / "base"
+    if (Path(args.out) / "base").exists() and args.resume:
+        return str(base)
     if (Path(args.out) / "best").exists():
         raise KilnError(f"{args.out}: already holds a fine-tuning run; choose another --out")
     print(f"importing {args.init_from} -> {base}")
@@ -459,12 +523,15 @@ def _finetune_base(args: argparse.Namespace) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from kiln.device import pick_device
     from kiln.generate.chat import ChatSession, chat_loop
 
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (arrow keys and history at the prompt)
     sampling = sampling_settings(args, seed=args.seed)
-    session = ChatSession.from_checkpoint(args.checkpoint, system=args.system, sampling=sampling)
+    session = ChatSession.from_checkpoint(
+        args.checkpoint, system=args.system, sampling=sampling, device=pick_device(args.device)
+    )
     chat_loop(session, interactive=sys.stdin.isatty())
 
 
@@ -484,6 +551,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         stride=args.stride,
         text_field=args.text_field,
         base=args.base,
+        device=args.device,
     )
 
 
@@ -567,20 +635,31 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kiln.distributed import DistributedError, launched_world, leave, quiet_other_ranks
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 0
     action = getattr(args, f"{args.command}_command", None)
+    world = launched_world()
+    quiet_other_ranks(world)
+    who = f" (rank {world.rank})" if world.distributed else ""
     try:
-        COMMANDS[(args.command, action)](args)
+        code = COMMANDS[(args.command, action)](args)
     except KilnError as e:
         if args.debug:
             raise
-        print(f"kiln: error: {e}", file=sys.stderr)
+        # Every rank meets the same bad setting; only a rank's own trouble is worth one line per rank.
+        if world.is_main or isinstance(e, DistributedError):
+            print(f"kiln: error{who}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("kiln: interrupted", file=sys.stderr)
+        print(f"kiln: interrupted{who}", file=sys.stderr)
         return 130
-    return 0
+    finally:
+        leave()
+    return code or 0

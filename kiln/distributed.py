@@ -136,3 +136,36 @@ def quiet_other_ranks(world: World) -> None:
     """Only rank 0 prints what a run says; the others' standard output goes nowhere (errors still show)."""
     if world.distributed and not world.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `python -m kiln ARGV` as `nproc` processes on this machine, as torchrun --standalone would;
+    returns the exit code. A process that fails is reported in one line (its own error is above)."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise DistributedError(f"--nproc {nproc}: give at least 1 process")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own notes, not ours
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, as --standalone picks
+        max_restarts=0,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "kiln", *argv)
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+        how = f"exited with code {code}" if failure.exitcode > 0 else f"was killed (signal {-failure.exitcode})"
+        print(f"kiln: error: process {rank} of {nproc} {how}; the run stopped (its message is above)", file=sys.stderr)
+        return code
+    return 0

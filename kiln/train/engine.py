@@ -50,6 +50,7 @@ from kiln.train.parallel import (
     full_model_copy,
     load_optimizer_states,
     optimizer_states,
+    reshard,
     sync_gradients,
     wrap_model,
 )
@@ -119,7 +120,9 @@ def token_loss_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
     """Summed next-token cross-entropy over the targets that are not IGNORE."""
     inputs, targets = batch
     logits, _ = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    logits = logits.flatten(0, 1)
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # bf16 logits lose too much in the sum
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def target_count(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -208,7 +211,7 @@ class StepSplit:
             return cls(world, config.grad_accum, True)
         if config.batch_size % world.size == 0:
             return cls(world, config.grad_accum, False)
-        raise DistributedError(
+        raise ConfigError(
             f"a step of grad_accum {config.grad_accum} x batch_size {config.batch_size} cannot be split over "
             f"{world.size} processes; make grad_accum or batch_size a multiple of {world.size}"
         )
@@ -265,7 +268,7 @@ def describe_setup(config: TrainConfig, model_config: GPTConfig | None, world: W
     threads = config.threads or max(1, physical_cores() // world.local_size)
     return (
         f"device: {device}, {precision_reason(config.precision, device, width)}"
-        + (f", {threads} threads" if device.type == "cpu" else "")
+        + (f", {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else "")
         + (f", {world.size} processes ({config.parallel})" if world.distributed else "")
         + (", torch.compile" if config.compile else "")
     )
@@ -367,6 +370,7 @@ def train_model(
         module.eval()
         with torch.no_grad(), _autocast(device, amp):
             scores = stage.evaluate(module)
+        reshard(module, config.parallel, world)
         module.train()
         val_loss = scores["val_loss"]
         steps_timed = step - evaluated_at
@@ -414,10 +418,10 @@ def train_model(
         micro = split.micro_rows(rows)
         batches = [stage.batch(r if len(r) else rows[:1]) for _, r in micro]
         units = [stage.units(b) if len(r) else 0 for b, (_, r) in zip(batches, micro, strict=True)]
-        global_units = int(all_reduce_sum(world, torch.tensor([float(sum(units))]))[0])
+        global_units = int(all_reduce_sum(world, torch.tensor([float(sum(units))], dtype=torch.float64))[0])
         if global_units == 0:
             raise KilnError(f"step {step + 1} has nothing to learn from (no target tokens); check the data")
-        step_loss = torch.zeros((), device=device)
+        step_loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         for position, ((number, part), batch) in enumerate(zip(micro, batches, strict=True)):
             torch.manual_seed(_micro_seed(config.seed, step, number, 0 if split.by_accumulation else world.rank))
             last_micro = position == len(micro) - 1
@@ -427,7 +431,7 @@ def train_model(
                 weight = loss_factor * world.size / global_units if len(part) else 0.0
                 (loss * weight).backward()
             step_loss += loss.detach() * (1.0 if len(part) else 0.0)
-        loss_value = float(all_reduce_sum(world, step_loss.float().reshape(1).cpu())[0]) / global_units
+        loss_value = float(all_reduce_sum(world, step_loss.double().reshape(1).cpu())[0]) / global_units
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
                 f"loss became {loss_value} at step {step + 1}; {run_dir / 'last'} holds the last good checkpoint. "

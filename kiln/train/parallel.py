@@ -75,6 +75,13 @@ def sync_gradients(step_model: nn.Module, parallel: str, world: World, now: bool
         yield
 
 
+def reshard(module: nn.Module, parallel: str, world: World) -> None:
+    """After a forward with no backward (evaluation), put FSDP's root weights back into their shards:
+    FSDP2 keeps the root's gathered after forward for the backward that usually follows."""
+    if _sharded(parallel, world):
+        module.reshard()
+
+
 def _sharded(parallel: str, world: World) -> bool:
     return world.distributed and parallel == "fsdp"
 
@@ -152,6 +159,6 @@ def full_model_copy(module: nn.Module, parallel: str, world: World) -> nn.Module
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not world.is_main:
         return None
-    copy = GPT(module.config)
+    copy = GPT(module.config).to(next(iter(state.values())).dtype)
     copy.load_state_dict(state)
     return copy

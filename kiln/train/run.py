@@ -20,6 +20,8 @@ from kiln.data.fetch import cache_dir
 from kiln.data.prepare import prepare_corpus
 from kiln.data.prepared import PreparedCorpus, is_prepared_dir
 from kiln.data.tokenizers import Tokenizer, tokenizer_from_spec
+from kiln.device import pick_device
+from kiln.distributed import launched_world
 from kiln.errors import ConfigError
 from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
 from kiln.model.gpt import GPT, GPTConfig
@@ -206,13 +208,15 @@ def train_and_report(
             init_model=start and start.model,
             info={"init_from": init_from} if init_from else None,
         )
+    if not launched_world().is_main:  # rank 0 reports; the others are done
+        return out / "best"
     plot = plot_losses(out)
     print(
         f"done: {result.steps:,} steps, {result.tokens:,} tokens in {format_duration(result.seconds)} "
         f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s); best val loss {result.best_val_loss:.4f}"
     )
     print(f"checkpoints: {out / 'last'}, {out / 'best'}" + (f"; loss curve: {plot}" if plot else ""))
-    best = load_checkpoint(out / "best")
+    best = load_checkpoint(out / "best", pick_device(run.train.device))
     print("sample:")
     print_stream(
         stream_text(best.model, best.tokenizer, "", SamplingConfig(temperature=0.8, top_k=200, seed=run.train.seed))
