@@ -163,9 +163,17 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "kiln", *argv)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
-        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-        how = f"exited with code {code}" if failure.exitcode > 0 else f"was killed (signal {-failure.exitcode})"
-        print(f"kiln: error: process {rank} of {nproc} {how}; the run stopped (its message is above)", file=sys.stderr)
-        return code
+        rank, failure = e.get_first_failure()  # the root cause; the rest were stopped because of it
+        if failure.exitcode > 0:
+            print(
+                f"kiln: error: process {rank} of {nproc} exited with code {failure.exitcode} (its message is above)",
+                file=sys.stderr,
+            )
+            return failure.exitcode
+        print(
+            f"kiln: error: process {rank} of {nproc} was killed (signal {-failure.exitcode}); the others were "
+            "stopped, and the run's last/ checkpoint continues it with --resume",
+            file=sys.stderr,
+        )
+        return 1
     return 0

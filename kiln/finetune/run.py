@@ -67,6 +67,7 @@ def finetune_and_report(
             f"{out}: already holds a fine-tuning run; pass --resume to continue it or choose another --out"
         )
     checkpoint = load_checkpoint(base)
+    torch.manual_seed(train_config.seed)  # new vocabulary rows and LoRA weights start from the seed
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     if tokenizer is None:
         raise ConfigError(f"{base}: has no tokenizer/ folder to encode the instructions with")
