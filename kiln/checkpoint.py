@@ -231,6 +231,13 @@ def _split_optimizer(state_dict: dict, prefix: str) -> tuple[dict[str, torch.Ten
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> dict:
+    if "indices" in meta:  # written before optimizer state was keyed by name: parameter indices
+        state = {i: dict(meta["scalars"].get(str(i), {})) for i in meta["indices"]}
+        for key, value in tensors.items():
+            if key.startswith(prefix + "."):
+                _, index, name = key.split(".", 2)
+                state[int(index)][name] = value
+        return {"state": state, "param_groups": meta["param_groups"]}
     state = {}
     for position, entry in enumerate(meta["entries"]):
         values = dict(entry["scalars"])

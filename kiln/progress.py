@@ -1,4 +1,5 @@
-"""Progress bars with rate and ETA for long work (rich), silent when $KILN_QUIET is set."""
+"""Progress bars with rate and ETA for long work (rich), silent when $KILN_QUIET is set and on every
+process of a data-parallel run but rank 0's."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.text import Text
+
+from kiln.distributed import launched_world
 
 QUIET_ENV = "KILN_QUIET"
 
@@ -48,7 +51,7 @@ def progress_bar(label: str, total: float | None, unit: str = "") -> Iterator[Ca
     """Yield `advance(n, label=None, total=None)`; draws a transient bar with rate and ETA on stderr when
     it is a terminal. A new `label` replaces the description (e.g. to show the current loss), a new
     `total` the length (once a time-limited run knows how many steps fit)."""
-    if os.environ.get(QUIET_ENV) or not sys.stderr.isatty():
+    if os.environ.get(QUIET_ENV) or not sys.stderr.isatty() or not launched_world().is_main:
         yield lambda n, label=None, total=None: None
         return
     columns: list = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]

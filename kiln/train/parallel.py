@@ -130,6 +130,9 @@ def load_optimizer_states(module: nn.Module, optimizers: list, states: list[dict
         return
     names = _parameter_names(module)
     for optimizer, state in zip(optimizers, states, strict=True):
+        if all(isinstance(i, int) for group in state["param_groups"] for i in group["params"]):  # older: by index
+            optimizer.load_state_dict(state)
+            continue
         groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
         saved_groups = [group["params"] for group in state["param_groups"]]
         if [sorted(g) for g in groups] != [sorted(g) for g in saved_groups]:

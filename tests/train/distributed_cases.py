@@ -13,7 +13,7 @@ from safetensors.torch import load_model
 from kiln.checkpoint import WEIGHTS_FILE, load_training_state, save_checkpoint
 from kiln.data.loaders import StepWindows
 from kiln.finetune.examples import Example, ExampleSteps
-from kiln.model.gpt import IGNORE, GPT, GPTConfig
+from kiln.model.gpt import GPT, IGNORE, GPTConfig
 from kiln.train.engine import Stage, TrainConfig, target_count, token_loss_sum, train_model
 from kiln.train.optim import OptimConfig
 

@@ -88,7 +88,7 @@ def test_train_in_two_processes_then_resume_in_one(tmp_path, mirror):
 
 def test_finetune_in_two_processes(tmp_path, chat_checkpoint):
     data = tmp_path / "tiny.json"
-    data.write_text(json.dumps([{"instruction": f"say {w}", "input": "", "output": w} for w in "ab cd ef gh".split()] * 6))
+    data.write_text(json.dumps([{"instruction": f"say {w}", "input": "", "output": w} for w in ["ab", "cd", "ef", "gh"]] * 6))
     out = tmp_path / "ft"
     done = kiln("finetune", str(chat_checkpoint), "--data", str(data), "--out", str(out), "--max-iters", "6",
                 "--set", "eval_interval=3", "--nproc", "2", "--lora-r", "2")
