@@ -49,7 +49,16 @@ def command_lines(checkpoint: Path, tmp_path: Path, mirror: Path) -> dict[str, l
     data.write_text(json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 20))
     return {
         "train": ["train", *TINY, "--max-iters", "2", "--out", str(tmp_path / "train")],
-        "finetune": ["finetune", str(checkpoint), "--data", str(data), "--max-iters", "2", "--out", str(tmp_path / "ft")],
+        "finetune": [
+            "finetune",
+            str(checkpoint),
+            "--data",
+            str(data),
+            "--max-iters",
+            "2",
+            "--out",
+            str(tmp_path / "ft"),
+        ],
         "sample": ["sample", str(checkpoint), "--max-new-tokens", "5", "--seed", "1"],
         "chat": ["chat", str(checkpoint), "--max-new-tokens", "5"],
         "evaluate": ["evaluate", str(checkpoint), "--data", str(data), "--limit", "2", "--max-new-tokens", "4"],
@@ -88,10 +97,24 @@ def test_train_in_two_processes_then_resume_in_one(tmp_path, mirror):
 
 def test_finetune_in_two_processes(tmp_path, chat_checkpoint):
     data = tmp_path / "tiny.json"
-    data.write_text(json.dumps([{"instruction": f"say {w}", "input": "", "output": w} for w in ["ab", "cd", "ef", "gh"]] * 6))
+    data.write_text(json.dumps([{"instruction": f"say {w}", "input": "", "output": w} for w in ("ab", "cd", "ef")] * 8))
     out = tmp_path / "ft"
-    done = kiln("finetune", str(chat_checkpoint), "--data", str(data), "--out", str(out), "--max-iters", "6",
-                "--set", "eval_interval=3", "--nproc", "2", "--lora-r", "2")
+    done = kiln(
+        "finetune",
+        str(chat_checkpoint),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-iters",
+        "6",
+        "--set",
+        "eval_interval=3",
+        "--nproc",
+        "2",
+        "--lora-r",
+        "2",
+    )
     assert done.returncode == 0, done.stderr
     assert steps_logged(out) == [0, 3, 6] and (out / "best" / "adapter_model.safetensors").is_file()
 
@@ -99,8 +122,23 @@ def test_finetune_in_two_processes(tmp_path, chat_checkpoint):
 def test_a_rank_killed_mid_run_ends_the_run_with_one_line_naming_it(tmp_path, mirror):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KILN_DIST_TIMEOUT": "30"}
     run = subprocess.Popen(
-        [sys.executable, "-m", "kiln", "train", *TINY, "--max-iters", "100000", "--out", str(tmp_path / "r"), "--nproc", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "kiln",
+            "train",
+            *TINY,
+            "--max-iters",
+            "100000",
+            "--out",
+            str(tmp_path / "r"),
+            "--nproc",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         victim = _wait_for_rank(1, run.pid, deadline=time.time() + 120)
@@ -126,9 +164,9 @@ def _wait_for_rank(rank: int, launcher: int, deadline: float) -> int:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if f"RANK={rank}".encode() in environ and b"kiln" in cmdline and b"--nproc" not in cmdline:
-                if Path(f"/proc/{entry.name}/stat").read_text().split()[3] != "0":
-                    return int(entry.name)
+            is_worker = f"RANK={rank}".encode() in environ and b"kiln" in cmdline and b"--nproc" not in cmdline
+            if is_worker and Path(f"/proc/{entry.name}/stat").read_text().split()[3] != "0":
+                return int(entry.name)
         time.sleep(0.5)
     raise AssertionError(f"no rank {rank} process appeared")
 
