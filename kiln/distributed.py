@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -104,6 +104,22 @@ def all_reduce_sum(world: World, values: torch.Tensor) -> torch.Tensor:
     with collective(world, "a step"):
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
     return on_device.to(values.device)
+
+
+def all_reduce_sum_later(world: World, values: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start summing `values` over every rank and go on; the returned function waits for the sum."""
+    if not world.distributed:
+        return lambda: values
+    on_device = values.to(_collective_device)
+    with collective(world, "a step"):
+        work = dist.all_reduce(on_device, op=dist.ReduceOp.SUM, async_op=True)
+
+    def result() -> torch.Tensor:
+        with collective(world, "a step"):
+            work.wait()
+        return on_device.to(values.device)
+
+    return result
 
 
 def broadcast_tensor(world: World, values: torch.Tensor) -> torch.Tensor:

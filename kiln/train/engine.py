@@ -35,6 +35,7 @@ from kiln.distributed import (
     DistributedError,
     World,
     all_reduce_sum,
+    all_reduce_sum_later,
     barrier,
     broadcast_object,
     broadcast_tensor,
@@ -417,8 +418,11 @@ def train_model(
         rows = stage.rows(step)
         micro = split.micro_rows(rows)
         batches = [stage.batch(r if len(r) else rows[:1]) for _, r in micro]
-        units = [stage.units(b) if len(r) else 0 for b, (_, r) in zip(batches, micro, strict=True)]
-        global_units = int(all_reduce_sum(world, torch.tensor([float(sum(units))], dtype=torch.float64))[0])
+        if stage.tokens_per_step:  # full windows: every position is a target, no need to count
+            global_units = stage.tokens_per_step
+        else:
+            units = [stage.units(b) if len(r) else 0 for b, (_, r) in zip(batches, micro, strict=True)]
+            global_units = int(all_reduce_sum(world, torch.tensor([float(sum(units))], dtype=torch.float64))[0])
         if global_units == 0:
             raise KilnError(f"step {step + 1} has nothing to learn from (no target tokens); check the data")
         step_loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
@@ -431,18 +435,21 @@ def train_model(
                 weight = loss_factor * world.size / global_units if len(part) else 0.0
                 (loss * weight).backward()
             step_loss += loss.detach() * (1.0 if len(part) else 0.0)
-        loss_value = float(all_reduce_sum(world, step_loss.double().reshape(1).cpu())[0]) / global_units
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {step + 1}; {run_dir / 'last'} holds the last good checkpoint. "
-                f"Try a lower learning rate, e.g. --set lr={optim_config.lr / 3:.1e}"
-            )
+        # The step's loss is summed over the ranks while the optimizer steps; a NaN is caught before
+        # anything is saved, so `last/` stays the last good checkpoint.
+        summed_loss = all_reduce_sum_later(world, step_loss.double().reshape(1).cpu())
         if optim_config.grad_clip:
             # foreach: one fused norm over all gradients instead of one small op per tensor.
             torch.nn.utils.clip_grad_norm_(trainable, optim_config.grad_clip, foreach=True)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        loss_value = float(summed_loss()[0]) / global_units
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step + 1}; {run_dir / 'last'} holds the last good checkpoint. "
+                f"Try a lower learning rate, e.g. --set lr={optim_config.lr / 3:.1e}"
+            )
         step += 1
         loss_since_eval.append(loss_value)
         step_seconds += time.perf_counter() - step_start
