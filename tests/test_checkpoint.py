@@ -110,3 +110,30 @@ def test_disk_full_while_saving_is_one_clear_error_and_keeps_the_previous(tmp_pa
     idx = torch.randint(0, 40, (1, 8))
     assert torch.equal(load_checkpoint(tmp_path / "last").model(idx)[0], first(idx)[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_optimizer_state_written_before_it_was_keyed_by_name_still_resumes(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from kiln.checkpoint import STATE_JSON, STATE_TENSORS, load_training_state
+    from kiln.distributed import World
+    from kiln.train.parallel import load_optimizer_states
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CONFIG))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, optimizer, 2, seed=1)
+    saved = optimizer.state_dict()
+    # The layout of the files before optimizer state was keyed by parameter name: tensors by index.
+    tensors = {f"optimizer0.{i}.{k}": v for i, s in saved["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    folder = save_checkpoint(tmp_path / "old", model)
+    save_file(tensors, str(folder / STATE_TENSORS))
+    meta = {"param_groups": saved["param_groups"], "scalars": {}, "indices": list(saved["state"])}
+    (folder / STATE_JSON).write_text(json.dumps({"optimizers": [meta], "progress": {"step": 2}}))
+
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_optimizer_states(model, [fresh], load_training_state(folder).optimizers, "ddp", World())
+    for index, state in saved["state"].items():
+        assert torch.equal(fresh.state_dict()["state"][index]["exp_avg"], state["exp_avg"])

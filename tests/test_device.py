@@ -62,3 +62,22 @@ def test_auto_device_is_cpu_without_accelerators(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert hardware.pick_device("auto") == torch.device("cpu")
     assert hardware.pick_device("cpu") == torch.device("cpu")
+
+
+def test_auto_precision_on_a_bf16_cpu_depends_on_the_model_width(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    cpu = torch.device("cpu")
+    assert hardware.autocast_dtype("auto", cpu, width=128) is None  # nanoGPT's shape: bf16 measured slower
+    assert hardware.autocast_dtype("auto", cpu, width=768) == torch.bfloat16
+    assert hardware.autocast_dtype("bf16", cpu, width=128) == torch.bfloat16  # asked for, given
+    assert "width 128 < 256" in hardware.precision_reason("auto", cpu, width=128)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert "no AMX" in hardware.precision_reason("auto", cpu, width=768)
+
+
+def test_a_device_that_is_not_here_is_a_device_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name, says in (("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("mps", "MPS"), ("gpu0", "not a device")):
+        with pytest.raises(hardware.DeviceError, match=says):
+            hardware.pick_device(name)
