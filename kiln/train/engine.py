@@ -346,7 +346,7 @@ def train_model(
     loss_since_eval = []
     calibrate = bool(config.max_time) and (not resume or total_steps is None)
 
-    def save(folder: Path, with_state: bool = True) -> None:
+    def save(folder: Path) -> None:
         training_state = TrainingState(
             optimizers=optimizer_states(module, optimizers, config.parallel, world),
             progress={
@@ -362,7 +362,7 @@ def train_model(
         )
         saved = full_model_copy(module, config.parallel, world)
         if world.is_main:
-            stage.save(folder, saved, training_state if with_state else None)
+            stage.save(folder, saved, training_state)
         barrier(world, "a checkpoint save")
 
     def evaluate_and_save() -> float:
