@@ -26,24 +26,61 @@ def atomic_file(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _old(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Files first, then their folders: after this a power cut cannot leave the tree with empty files."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def recover_dir(target: Path) -> None:
+    """Finish what a save killed part way left: put the previous folder back if the kill fell between
+    the two renames, and remove half-written temporary folders and old copies."""
+    target = Path(target)
+    old = _old(target)
+    if old.exists():
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)  # the swap was done; only the clean-up was cut short
+        else:
+            os.replace(old, target)  # killed between the renames: the previous folder is whole
+    for part in target.parent.glob(f".{target.name}.*.part"):
+        shutil.rmtree(part, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `target`; on success it takes `target`'s place.
 
-    The old folder is moved aside before the rename and deleted only after it, so a crash at any
-    point leaves either the old folder or the new one at `target` (plus a stray `.old` to clean up).
+    The new folder is fsynced before the swap. The old folder is moved aside before the rename and
+    deleted only after it, so at every instant either `target` is whole (old or new) or the old one
+    waits at `.NAME.old`, where `recover_dir` (run before every save, and by training at its start)
+    puts it back.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part"))
     try:
         yield tmp
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
+        _fsync_tree(tmp)
+        old = _old(target)
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
+        _fsync(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -109,6 +109,25 @@ def load_training_state(folder: str | os.PathLike, device: str | torch.device = 
     return TrainingState(optimizers=optimizers, progress=meta["progress"])
 
 
+def resumable_step(folder: str | os.PathLike) -> int | None:
+    """The step a checkpoint (or adapter) folder was saved at, when it reads back whole: its config,
+    its training state and the headers of its tensor files; None otherwise."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if _mark(folder) not in (CHECKPOINT_MARK, ADAPTER_MARK):
+        return None
+    weights = folder / (WEIGHTS_FILE if _mark(folder) == CHECKPOINT_MARK else "adapter_model.safetensors")
+    try:
+        step = int(json.loads((folder / STATE_JSON).read_text())["progress"]["step"])
+        for path in (weights, folder / STATE_TENSORS):
+            with safe_open(str(path), "pt") as tensors:
+                tensors.keys()
+    except Exception:  # noqa: BLE001 (OSError, bad JSON, a missing key, or safetensors' own errors)
+        return None
+    return step
+
+
 def read_info(folder: str | os.PathLike) -> dict:
     """A checkpoint's or adapter's config.json ({} when there is none to read)."""
     try:

@@ -31,7 +31,7 @@ from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.gpt import GPT
 from kiln.model.lora import LoraSettings, add_lora, count_parameters
 from kiln.progress import progress_bar
-from kiln.train.engine import TrainResult, describe_setup, planned_steps
+from kiln.train.engine import TrainResult, describe_setup, newest_checkpoint, planned_steps, recover_run
 
 
 def prepare_vocabulary(
@@ -61,7 +61,9 @@ def finetune_and_report(
     if lora and not is_checkpoint(base):
         raise ConfigError(f"{base}: LoRA needs a full Kiln checkpoint as its base; merge an adapter first (kiln merge)")
     if resume:
-        _check_resumable(out / "last", base, data_spec, lora)
+        if launched_world().is_main:
+            recover_run(out)
+        _check_resumable(newest_checkpoint(out), base, data_spec, lora)
     elif (out / "best").exists() or (out / "last").exists():
         raise ConfigError(
             f"{out}: already holds a fine-tuning run; pass --resume to continue it or choose another --out"

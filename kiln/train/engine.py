@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.checkpoint import TrainingState
+from kiln.atomic import recover_dir
+from kiln.checkpoint import TrainingState, resumable_step
 from kiln.device import autocast_dtype, peak_flops, physical_cores, pick_device, precision_reason, set_threads
 from kiln.distributed import (
     DistributedError,
@@ -275,6 +276,20 @@ def describe_setup(config: TrainConfig, model_config: GPTConfig | None, world: W
     )
 
 
+def recover_run(run_dir: Path) -> None:
+    """Undo what a kill in the middle of a save left in a run folder (see kiln.atomic.recover_dir)."""
+    for name in ("last", "best"):
+        recover_dir(Path(run_dir) / name)
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The run's checkpoint to resume from: the one saved last of `last/` and `best/` that reads back
+    whole (`last/` when it is sound); `last/` itself when neither is, for the stage to explain."""
+    steps = {name: resumable_step(run_dir / name) for name in ("last", "best")}
+    sound = [name for name in ("last", "best") if steps[name] is not None]
+    return run_dir / (max(sound, key=lambda name: steps[name]) if sound else "last")
+
+
 def train_model(
     model: nn.Module,
     optim_config: OptimConfig,
@@ -303,9 +318,16 @@ def train_model(
     amp = autocast_dtype(config.precision, device, shape.n_embd if shape else None)
     total_steps = planned_steps(config, stage.steps_per_epoch, stage.tokens_per_step)
 
+    if world.is_main:
+        recover_run(run_dir)
+    barrier(world, "recovering the run folder")
     state = None
     if resume:
-        state = stage.restore(run_dir / "last", model)
+        folder = newest_checkpoint(run_dir)
+        state = stage.restore(folder, model)
+        if world.is_main:
+            damaged = f" ({run_dir / 'last'} does not read back whole)" if folder.name != "last" else ""
+            print(f"resuming from {folder} at step {state.progress['step']:,}{damaged}")
     elif (run_dir / "last").exists():
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     check_optimizer_fits(optim_config, config.parallel, world)

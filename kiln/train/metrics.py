@@ -51,9 +51,17 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
+def _step_of(line: str) -> float:
+    """A record's step; a line torn by a kill in the middle of its write counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _truncate(path: Path, step: int) -> None:
     """Drop metrics logged after the checkpoint a run resumes from (all of them for a new run)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step] if step else []
+    kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step] if step else []
     path.write_text("".join(line + "\n" for line in kept))

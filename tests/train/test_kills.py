@@ -1,0 +1,75 @@
+"""Runs that survive any crash: `kiln train` SIGKILLed from outside at random moments (seeded), inside
+checkpoint saves too, and resumed each time, ends bit for bit where an uninterrupted run does, with
+dropout (so the RNG matters) and accumulation, for AdamW and Muon; no checkpoint is ever left corrupt."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln.atomic import recover_dir
+from kiln.checkpoint import load_checkpoint, resumable_step
+
+KILLS_PER_OPTIMIZER = 10
+SAME = ("step", "train_loss", "val_loss", "step_loss", "lr", "tokens")  # all but the clock's fields
+
+
+def command(out: Path, optimizer: str, resume: bool, iters: int = 120) -> list[str]:
+    args = [sys.executable, "-m", "kiln", "train", "--data", "the-verdict", "--tokenizer", "char", "--preset", "tiny"]
+    args += ["--set", "n_layer=1", "--set", "block_size=32", "--set", "dropout=0.1", "--set", "grad_accum=2"]
+    args += ["--set", "batch_size=4", "--set", f"optimizer={optimizer}", "--set", "eval_interval=3"]
+    args += ["--set", "eval_batches=2", "--set", "threads=1", "--max-iters", str(iters), "--out", str(out)]
+    return args + (["--resume"] if resume else [])
+
+
+def records(out: Path) -> list[dict]:
+    return [{k: r[k] for k in SAME} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_killed_at_random_and_resumed_ends_bit_for_bit_where_a_straight_run_does(tmp_path, mirror, optimizer):
+    env = {**os.environ, "KILN_QUIET": "1"}
+    straight = subprocess.run(command(tmp_path / "straight", optimizer, False), env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    started = time.perf_counter()
+    subprocess.run(command(tmp_path / "start", optimizer, False, iters=1), env=env, capture_output=True)
+    startup = time.perf_counter() - started  # interpreter, imports, data, one step and one save
+    started = time.perf_counter()
+    subprocess.run(command(tmp_path / "timing", optimizer, False), env=env, capture_output=True)
+    training = time.perf_counter() - started - startup
+
+    out, chance, kills = tmp_path / "killed", random.Random(1), 0
+    while True:
+        resume = (out / "last").exists() or (out / ".last.old").exists()
+        run = subprocess.Popen(
+            command(out, optimizer, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        if kills < KILLS_PER_OPTIMIZER:
+            # Mostly while it trains and saves; now and then while it still starts up.
+            time.sleep(0.8 * startup + chance.uniform(0, 0.12) * training)
+            if run.poll() is None:
+                run.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = run.communicate(timeout=300)
+        for name in ("last", "best"):  # what the next start would see: sound, or not there at all
+            recover_dir(out / name)
+            assert not (out / name).exists() or resumable_step(out / name) is not None, f"{name} corrupt"
+        if run.returncode == 0:
+            break
+        assert run.returncode == -signal.SIGKILL, err.decode()
+    assert kills == KILLS_PER_OPTIMIZER
+    assert records(out) == records(tmp_path / "straight")
+    for folder in ("last", "best"):
+        a = load_checkpoint(out / folder).model.state_dict()
+        b = load_checkpoint(tmp_path / "straight" / folder).model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
