@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -636,6 +637,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     from kiln.distributed import DistributedError, launched_world, leave, quiet_other_ranks
+    from kiln.train.engine import TrainingStopped
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -660,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kiln: interrupted{who}", file=sys.stderr)
         return 130
+    except TrainingStopped as stop:
+        if world.is_main:
+            again = argv if "--resume" in argv else [*argv, "--resume"]
+            print(f"kiln: {stop}; continue with: kiln {shlex.join(again)}", file=sys.stderr)
+        return 128 + stop.signal_number
     finally:
         leave()
     return code or 0

@@ -160,6 +160,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     import logging
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -178,6 +179,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "kiln", *argv)
+    except SignalException as e:  # Ctrl-C or SIGTERM: the processes were asked to save and stop
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the root cause; the rest were stopped because of it
         if failure.exitcode > 0:

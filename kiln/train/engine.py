@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from kiln.distributed import (
 from kiln.errors import ConfigError, KilnError
 from kiln.model.gpt import GPT, IGNORE, GPTConfig
 from kiln.train.metrics import METRICS_FILE, MetricsLog
-from kiln.train.optim import OptimConfig, build_optimizers, lr_factor, set_learning_rates
+from kiln.train.optim import OptimConfig, build_optimizers, continued_lr_factor, set_learning_rates
 from kiln.train.parallel import (
     check_optimizer_fits,
     full_model_copy,
@@ -75,6 +76,39 @@ def _is_fit_point(steps_done: int) -> bool:
 
 class TrainingDiverged(KilnError):
     """The loss became NaN or infinite."""
+
+
+class TrainingStopped(Exception):
+    """SIGINT or SIGTERM asked the run to stop: it finished its step and saved `folder`."""
+
+    def __init__(self, signal_number: int, step: int, folder: Path):
+        super().__init__(f"stopped by {signal.Signals(signal_number).name} at step {step:,}; saved {folder}")
+        self.signal_number, self.step, self.folder = signal_number, step, folder
+
+
+def catch_stop_requests() -> tuple[list[int], Callable[[], None]]:
+    """Take the first SIGINT or SIGTERM as a request (its number lands in the list) so the loop can
+    finish its step and save; a second one acts at once (Ctrl-C: KeyboardInterrupt), the checkpoint on
+    disk still whole. Returns the list and a function that puts the previous handlers back. Outside
+    the main thread signals cannot be caught and the defaults stay."""
+    asked: list[int] = []
+    previous = {}
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    def request(number, frame) -> None:
+        asked.append(number)
+        restore()
+
+    try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, request)
+    except ValueError:  # not the main thread
+        restore()
+        previous.clear()
+    return asked, restore
 
 
 @dataclass
@@ -349,9 +383,16 @@ def train_model(
     last_val = progress.get("last_val_loss", math.inf)
     first_val = progress.get("first_val_loss")
     since_best = progress.get("evals_since_best", 0)
+    saved_total = progress.get("total_steps")
     if resume and total_steps is None:
         # A time-limited run keeps the schedule length it calibrated, so the learning rate carries on.
-        total_steps = progress.get("total_steps")
+        total_steps = saved_total
+    restart = progress.get("schedule_restart")
+    if resume and saved_total and total_steps and total_steps != saved_total:
+        # A new length: decay on from the factor reached, over the steps now left (docs/train.md).
+        warmup = min(optim_config.warmup_iters, saved_total // 5)
+        if step >= warmup:
+            restart = (step, continued_lr_factor(step, saved_total, optim_config, restart and tuple(restart)))
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(world, "the start")
@@ -365,7 +406,7 @@ def train_model(
     last_fit = (0, time.perf_counter())  # (steps into this session, wall time outside evaluations then)
     limit_steps = total_steps  # the iteration / token / epoch limit, which a time limit can only shorten
     step_seconds = 0.0  # time in training steps since the last evaluation, for tokens/s and MFU
-    loss_since_eval = []
+    loss_since_eval = list(progress.get("step_losses_since_eval", []))  # for step_loss, the mean between evaluations
     calibrate = bool(config.max_time) and (not resume or total_steps is None)
 
     def save(folder: Path) -> None:
@@ -380,6 +421,8 @@ def train_model(
                 "elapsed_s": time.perf_counter() - start,
                 "total_steps": total_steps,
                 "world_size": world.size,
+                "step_losses_since_eval": loss_since_eval,
+                "schedule_restart": restart,
             },
         )
         saved = full_model_copy(module, config.parallel, world)
@@ -410,6 +453,7 @@ def train_model(
             else None,
             "elapsed_s": time.perf_counter() - start,
         }
+        loss_since_eval.clear()  # before the save: a resumed run starts its next mean afresh
         if metrics:
             metrics.write(record)
         improved = val_loss < best_val
@@ -428,77 +472,94 @@ def train_model(
     stopped_early = False
     if stage.evaluate_at_start and step == 0:
         evaluate_and_save()
-    while total_steps is None or step < total_steps:
-        if config.max_time:
-            out_of_time = float(time.perf_counter() - start >= config.max_time)
-            if world.distributed:  # every rank stops at the same step: rank 0's clock decides
-                out_of_time = float(broadcast_tensor(world, torch.tensor([out_of_time]))[0])
-            if out_of_time:
-                break
-        step_start = time.perf_counter()
-        set_learning_rates(optimizers, lr_factor(step, total_steps or 10**9, optim_config))
-        rows = stage.rows(step)
-        micro = split.micro_rows(rows)
-        batches = [stage.batch(r if len(r) else rows[:1]) for _, r in micro]
-        if stage.tokens_per_step:  # full windows: every position is a target, no need to count
-            global_units = stage.tokens_per_step
-        else:
-            units = [stage.units(b) if len(r) else 0 for b, (_, r) in zip(batches, micro, strict=True)]
-            global_units = int(all_reduce_sum(world, torch.tensor([float(sum(units))], dtype=torch.float64))[0])
-        if global_units == 0:
-            raise KilnError(f"step {step + 1} has nothing to learn from (no target tokens); check the data")
-        step_loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-        for position, ((number, part), batch) in enumerate(zip(micro, batches, strict=True)):
-            torch.manual_seed(_micro_seed(config.seed, step, number, 0 if split.by_accumulation else world.rank))
-            last_micro = position == len(micro) - 1
-            with sync_gradients(step_model, config.parallel, world, last_micro):
-                with _autocast(device, amp):
-                    loss = stage.loss_sum(step_model, batch_to(batch, device))
-                weight = loss_factor * world.size / global_units if len(part) else 0.0
-                (loss * weight).backward()
-            step_loss += loss.detach() * (1.0 if len(part) else 0.0)
-        # The step's loss is summed over the ranks while the optimizer steps; a NaN is caught before
-        # anything is saved, so `last/` stays the last good checkpoint.
-        summed_loss = all_reduce_sum_later(world, step_loss.double().reshape(1).cpu())
-        if optim_config.grad_clip:
-            # foreach: one fused norm over all gradients instead of one small op per tensor.
-            torch.nn.utils.clip_grad_norm_(trainable, optim_config.grad_clip, foreach=True)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_value = float(summed_loss()[0]) / global_units
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {step + 1}; {run_dir / 'last'} holds the last good checkpoint. "
-                f"Try a lower learning rate, e.g. --set lr={optim_config.lr / 3:.1e}"
+    asked, stop_catching = catch_stop_requests()
+    stopped_by = 0
+    try:
+        while total_steps is None or step < total_steps:
+            if config.max_time:
+                out_of_time = float(time.perf_counter() - start >= config.max_time)
+                if world.distributed:  # every rank stops at the same step: rank 0's clock decides
+                    out_of_time = float(broadcast_tensor(world, torch.tensor([out_of_time]))[0])
+                if out_of_time:
+                    break
+            step_start = time.perf_counter()
+            set_learning_rates(
+                optimizers, continued_lr_factor(step, total_steps or 10**9, optim_config, restart and tuple(restart))
             )
-        step += 1
-        loss_since_eval.append(loss_value)
-        step_seconds += time.perf_counter() - step_start
-        if _is_fit_point(step - first_step):
-            outside_evals = time.perf_counter() - eval_clock["total"]
-            per_step = (outside_evals - last_fit[1]) / (step - first_step - last_fit[0])
-            last_fit = (step - first_step, outside_evals)
-            # Before the first evaluation, guess it: 2 x eval_batches forward passes of ~1/3 step each.
-            eval_seconds = eval_clock["last"] or 2 * config.eval_batches * per_step / 3
-            per_step_with_evals = per_step + eval_seconds / config.eval_interval
-            if calibrate:
-                # Fit the schedule to the time left, so the decay ends as time runs out.
-                left = config.max_time - (time.perf_counter() - start) - eval_seconds
-                by_time = step + max(1, int(left / per_step_with_evals))
-                total_steps = min(limit_steps, by_time) if limit_steps else by_time
-                total_steps = broadcast_object(world, total_steps)
-            if on_estimate and total_steps and world.is_main:
-                on_estimate(total_steps, (total_steps - step) * per_step_with_evals + eval_seconds)
-        if on_step and world.is_main:
-            on_step(step, loss_value)
-        done = total_steps is not None and step >= total_steps
-        if step % config.eval_interval == 0 or done:
-            evaluate_and_save()
-            evaluated_at, step_seconds, loss_since_eval = step, 0.0, []
-            if config.early_stop and since_best >= config.early_stop:
-                stopped_early = True
+            rows = stage.rows(step)
+            micro = split.micro_rows(rows)
+            batches = [stage.batch(r if len(r) else rows[:1]) for _, r in micro]
+            if stage.tokens_per_step:  # full windows: every position is a target, no need to count
+                global_units = stage.tokens_per_step
+            else:
+                units = [stage.units(b) if len(r) else 0 for b, (_, r) in zip(batches, micro, strict=True)]
+                global_units = int(all_reduce_sum(world, torch.tensor([float(sum(units))], dtype=torch.float64))[0])
+            if global_units == 0:
+                raise KilnError(f"step {step + 1} has nothing to learn from (no target tokens); check the data")
+            step_loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+            for position, ((number, part), batch) in enumerate(zip(micro, batches, strict=True)):
+                torch.manual_seed(_micro_seed(config.seed, step, number, 0 if split.by_accumulation else world.rank))
+                last_micro = position == len(micro) - 1
+                with sync_gradients(step_model, config.parallel, world, last_micro):
+                    with _autocast(device, amp):
+                        loss = stage.loss_sum(step_model, batch_to(batch, device))
+                    weight = loss_factor * world.size / global_units if len(part) else 0.0
+                    (loss * weight).backward()
+                step_loss += loss.detach() * (1.0 if len(part) else 0.0)
+            # The step's loss is summed over the ranks while the optimizer steps; a NaN is caught before
+            # anything is saved, so `last/` stays the last good checkpoint.
+            # The stop request rides along: every rank stops at the same step if any was asked to.
+            summed = torch.tensor([float(step_loss), 1.0 if asked else 0.0], dtype=torch.float64)
+            summed_loss = all_reduce_sum_later(world, summed)
+            if optim_config.grad_clip:
+                # foreach: one fused norm over all gradients instead of one small op per tensor.
+                torch.nn.utils.clip_grad_norm_(trainable, optim_config.grad_clip, foreach=True)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            reduced = summed_loss()
+            loss_value, stop_asked = float(reduced[0]) / global_units, reduced[1] > 0
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {step + 1}; {run_dir / 'last'} holds the last good checkpoint. "
+                    f"Try a lower learning rate, e.g. --set lr={optim_config.lr / 3:.1e}"
+                )
+            step += 1
+            loss_since_eval.append(loss_value)
+            step_seconds += time.perf_counter() - step_start
+            if _is_fit_point(step - first_step):
+                outside_evals = time.perf_counter() - eval_clock["total"]
+                per_step = (outside_evals - last_fit[1]) / (step - first_step - last_fit[0])
+                last_fit = (step - first_step, outside_evals)
+                # Before the first evaluation, guess it: 2 x eval_batches forward passes of ~1/3 step each.
+                eval_seconds = eval_clock["last"] or 2 * config.eval_batches * per_step / 3
+                per_step_with_evals = per_step + eval_seconds / config.eval_interval
+                if calibrate:
+                    # Fit the schedule to the time left, so the decay ends as time runs out.
+                    left = config.max_time - (time.perf_counter() - start) - eval_seconds
+                    by_time = step + max(1, int(left / per_step_with_evals))
+                    total_steps = min(limit_steps, by_time) if limit_steps else by_time
+                    total_steps = broadcast_object(world, total_steps)
+                if on_estimate and total_steps and world.is_main:
+                    on_estimate(total_steps, (total_steps - step) * per_step_with_evals + eval_seconds)
+            if on_step and world.is_main:
+                on_step(step, loss_value)
+            done = total_steps is not None and step >= total_steps
+            if step % config.eval_interval == 0 or done:
+                evaluate_and_save()
+                evaluated_at, step_seconds = step, 0.0
+                if config.early_stop and since_best >= config.early_stop:
+                    stopped_early = True
+                    break
+            if stop_asked:
+                stopped_by = asked[0] if asked else signal.SIGTERM  # another rank was asked
                 break
+    finally:
+        stop_catching()
+    if stopped_by:
+        if evaluated_at != step:
+            save(run_dir / "last")
+        raise TrainingStopped(stopped_by, step, run_dir / "last")
     if evaluated_at != step:  # stopped by the clock between evaluations
         evaluate_and_save()
     if metrics:

@@ -185,6 +185,24 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
     return 1.0 - progress * (1.0 - min_ratio)
 
 
+def continued_lr_factor(
+    step: int, total_steps: int, config: OptimConfig, restart: tuple[int, float] | None = None
+) -> float:
+    """`lr_factor`, except that a run resumed with a new length at step k (`restart` = (k, the factor
+    it had reached)) decays from where it stood to `min_lr` over its new remaining steps, instead of
+    jumping to where a run of the new length would be."""
+    if restart is None or step < restart[0] or config.decay == "constant":
+        return lr_factor(step, total_steps, config)
+    begun, reached = restart
+    min_ratio = config.min_lr / config.lr
+    if step >= total_steps:
+        return min_ratio
+    progress = (step - begun) / max(1, total_steps - begun)
+    if config.decay == "cosine":
+        return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (reached - min_ratio)
+    return reached - progress * (reached - min_ratio)
+
+
 def set_learning_rates(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:

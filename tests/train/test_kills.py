@@ -73,3 +73,27 @@ def test_killed_at_random_and_resumed_ends_bit_for_bit_where_a_straight_run_does
         b = load_checkpoint(tmp_path / "straight" / folder).model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), folder
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_finish_the_step_save_and_say_how_to_resume(tmp_path, mirror, sent, code):
+    env = {**os.environ, "KILN_QUIET": "1"}
+    straight = subprocess.run(command(tmp_path / "straight", "adamw", False), env=env, capture_output=True)
+    assert straight.returncode == 0
+    out = tmp_path / "stopped"
+    run = subprocess.Popen(command(out, "adamw", False), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "last").exists() and time.time() < deadline:  # it is training
+        time.sleep(0.05)
+    run.send_signal(sent)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == code, err.decode()
+    message = err.decode().strip().splitlines()[-1]
+    step = resumable_step(out / "last")
+    assert message.startswith(f"kiln: stopped by {signal.Signals(sent).name} at step {step:,}; saved {out / 'last'}")
+    assert message.endswith("--resume") and 0 < step < 120
+    resumed = subprocess.run(command(out, "adamw", True), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert records(out) == records(tmp_path / "straight")
+    a, b = (load_checkpoint(folder / "last").model.state_dict() for folder in (out, tmp_path / "straight"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -110,3 +110,14 @@ def test_warmup_never_takes_more_than_a_fifth_of_a_short_run():
     factors = [lr_factor(step, 40, config) for step in range(40)]  # 5 epochs of a small text
     assert factors[:8] == [pytest.approx((s + 1) / 9) for s in range(8)]
     assert factors[8] == pytest.approx(1.0) and factors[-1] > 0.1
+
+
+def test_a_continued_schedule_starts_where_it_stood_and_ends_at_min_lr():
+    from kiln.train.optim import continued_lr_factor
+
+    config = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10)
+    reached = lr_factor(50, 100, config)
+    factors = [continued_lr_factor(step, 300, config, (50, reached)) for step in range(50, 301)]
+    assert factors[0] == pytest.approx(reached) and factors[-1] == pytest.approx(0.1)
+    assert all(b <= a for a, b in zip(factors, factors[1:], strict=False))
+    assert continued_lr_factor(20, 300, config, (50, reached)) == lr_factor(20, 300, config)

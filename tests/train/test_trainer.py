@@ -141,3 +141,14 @@ def test_compiled_training_follows_the_eager_run(verdict_char, tmp_path):
     assert compiled.steps == 8
     # Inductor fuses and reorders float arithmetic, so the two agree closely but not bit for bit.
     assert compiled.last_val_loss == pytest.approx(eager.last_val_loss, abs=1e-3)
+
+
+def test_resuming_with_a_longer_limit_decays_on_from_where_the_schedule_stood(verdict_char, tmp_path):
+    train(*configs(verdict_char, max_iters=12), verdict_char, tmp_path / "r")
+    before = [r["lr"] for r in metrics(tmp_path / "r")]
+    train(*configs(verdict_char, max_iters=24), verdict_char, tmp_path / "r", resume=True)
+    lrs = [r["lr"] for r in metrics(tmp_path / "r")]
+    assert lrs[: len(before)] == before
+    # No jump back up to where a 24-step run would be at step 12; on down to min_lr at the new end.
+    assert all(later <= earlier for earlier, later in zip(lrs[1:], lrs[2:], strict=False))
+    assert lrs[-1] == pytest.approx(configs(verdict_char)[1].min_lr, rel=1e-6)
