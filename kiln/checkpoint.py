@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 import kiln
@@ -102,7 +105,8 @@ def load_training_state(folder: str | os.PathLike, device: str | torch.device = 
     if not (folder / STATE_JSON).is_file():
         return None
     meta = json.loads((folder / STATE_JSON).read_text())
-    tensors = load_file(str(folder / STATE_TENSORS), device=str(device))
+    with _damaged_file(folder / STATE_TENSORS):
+        tensors = load_file(str(folder / STATE_TENSORS), device=str(device))
     optimizers = [
         _join_optimizer(tensors, part, f"optimizer{number}") for number, part in enumerate(meta["optimizers"])
     ]
@@ -200,7 +204,8 @@ def load_checkpoint(
         )
     info = json.loads((folder / CONFIG_FILE).read_text())
     model = GPT(GPTConfig.from_dict(info["model"]))
-    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(device))
+    with _damaged_file(folder / WEIGHTS_FILE):
+        missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(device))
     if missing or unexpected:
         raise ConfigError(
             f"{folder / WEIGHTS_FILE}: weights do not match config.json "
@@ -229,8 +234,27 @@ def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathL
     model, shape = checkpoint.model, GPTConfig.from_dict(info["model"])
     model.resize_vocab(shape.vocab_size)
     model.resize_context(shape.block_size)
-    merged = merge_lora(load_lora(model, str(folder)))
+    with _damaged_file(folder / "adapter_model.safetensors"):
+        merged = merge_lora(load_lora(model, str(folder)))
     return Checkpoint(merged.to(device), load_tokenizer(folder / TOKENIZER_DIR), info, None)
+
+
+@contextmanager
+def _damaged_file(path: Path) -> Iterator[None]:
+    """A tensor file that is missing, cut short or not safetensors at all is one line naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise
+        what = (
+            "is missing"
+            if isinstance(e, FileNotFoundError)
+            else f"cannot be read ({str(e).splitlines()[0][:120]}): it is damaged or cut short"
+        )
+        raise ConfigError(
+            f"{path}: {what}; use another checkpoint (such as the run's best/ or last/), or train again"
+        ) from None
 
 
 def _split_optimizer(state_dict: dict, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:

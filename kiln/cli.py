@@ -662,11 +662,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kiln: interrupted{who}", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user named that cannot be read or written
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(
+            f"kiln: error{who}: {where}{e.strerror or e}; check the path, its permissions and the free disk space",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     except TrainingStopped as stop:
         if world.is_main:
             again = argv if "--resume" in argv else [*argv, "--resume"]
             print(f"kiln: {stop}; continue with: kiln {shlex.join(again)}", file=sys.stderr)
         return 128 + stop.signal_number
+    except Exception as e:  # the last resort: a bug, said in one line
+        if args.debug:
+            raise
+        print(
+            f"kiln: internal error{who}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}. "
+            "This is a bug in Kiln: please report it with the command you ran and its output with --debug",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         leave()
     return code or 0

@@ -88,35 +88,46 @@ def _lines(blocks: Iterator[str]) -> Iterator[str]:
         yield pending.rstrip("\r")
 
 
+# Byte-order marks: the encoding they announce, and how many bytes they take.
+_BOMS = ((codecs.BOM_UTF8, "utf-8", 3), (codecs.BOM_UTF16_LE, "utf-16", 0), (codecs.BOM_UTF16_BE, "utf-16", 0))
+
+
 def _read_text(path: Path, errors: str) -> Iterator[str]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors)
-    offset = 0
+    """A text file in blocks: UTF-8 (a BOM dropped), or UTF-16 when its BOM says so; Windows line
+    ends become "\n" (a "\r" would otherwise become a token of its own)."""
     with open(path, "rb") as f:
+        head = f.read(4)
+        encoding, skip = next(((enc, n) for bom, enc, n in _BOMS if head.startswith(bom)), ("utf-8", 0))
+        f.seek(skip)
+        decoder = codecs.getincrementaldecoder(encoding)(errors)
+        offset, held = skip, ""
         while block := f.read(_BLOCK):
-            if errors == "strict" and (nul := block.find(b"\0")) >= 0:
+            if encoding == "utf-8" and errors == "strict" and (nul := block.find(b"\0")) >= 0:
                 raise DataError(
                     f"{path}: looks binary (NUL byte at byte {offset + nul:,}); give a text file, "
                     "or pass --errors replace to read it anyway"
                 )
             pending = len(decoder.getstate()[0])
             try:
-                text = decoder.decode(block)
+                text = held + decoder.decode(block)
             except UnicodeDecodeError as e:
                 raise DataError(
-                    f"{path}: not UTF-8 at byte {offset - pending + e.start:,}; convert it to UTF-8, "
+                    f"{path}: not {encoding.upper()} at byte {offset - pending + e.start:,}; convert it to UTF-8, "
                     "or pass --errors replace to read it anyway"
                 ) from None
             offset += len(block)
+            held = "\r" if text.endswith("\r") else ""  # its "\n" may open the next block
+            text = text[: len(text) - len(held)].replace("\r\n", "\n")
             if text:
                 yield text
     try:
-        tail = decoder.decode(b"", final=True)
+        tail = held + decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise DataError(
-            f"{path}: ends inside a UTF-8 character; convert it to UTF-8, or pass --errors replace"
+            f"{path}: ends inside a {encoding.upper()} character; convert it to UTF-8, or pass --errors replace"
         ) from None
     if tail:
-        yield tail
+        yield tail.replace("\r\n", "\n")
 
 
 @dataclass
@@ -128,7 +139,7 @@ class JsonlRecords(Corpus):
     def documents(self) -> Documents:
         text_field = self.options.text_field or "text"
         self.skipped_lines = 0
-        with open(self.path, encoding="utf-8", errors=self.options.errors) as f:
+        with open(self.path, encoding="utf-8-sig", errors=self.options.errors) as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

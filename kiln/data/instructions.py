@@ -158,7 +158,7 @@ class InstructionData:
 
 def _records(path: Path) -> Iterator[tuple[object, str]]:
     """(record, 'file:line') for a JSON array file or a JSONL file."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

@@ -39,16 +39,22 @@ class CorpusStats:
 def scan(corpus: Corpus, collect_chars: bool) -> CorpusStats:
     """First pass: count characters and documents (and collect the character set for `char`)."""
     stats = CorpusStats()
+    words = False
     with progress_bar(f"reading {corpus.label}", total=None, unit="chars") as advance:
         for document in corpus.documents():
             stats.documents += 1
             for text in document:
                 stats.chars += len(text)
+                words = words or not text.isspace()
                 if collect_chars:
                     stats.charset.update(text)
                 advance(len(text))
     if stats.chars == 0:
         raise DataError(f"{corpus.label}: the corpus is empty (no text found); give a file with some text in it")
+    if not words:
+        raise DataError(
+            f"{corpus.label}: holds only whitespace ({stats.chars:,} characters, no word); give a file with text in it"
+        )
     return stats
 
 

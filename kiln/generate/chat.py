@@ -20,9 +20,15 @@ from kiln.config import parse_value
 from kiln.data.instructions import Message
 from kiln.data.templates import Piece, Template, encode_pieces, get_template
 from kiln.data.tokenizers import Tokenizer
-from kiln.errors import ConfigError, KilnError
+from kiln.data.tokenizers.char import UnknownCharacter
+from kiln.errors import ConfigError, KilnError, TokenizerError
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.gpt import GPT
+
+
+class UnreadableMessage(TokenizerError):
+    """A message with a character the model's vocabulary lacks: it is not sent, the chat goes on."""
+
 
 # Cooler than `kiln sample` (temperature 0.8, top-k 200): a chat answer should stay on the question.
 CHAT_SAMPLING = {"max_new_tokens": 200, "temperature": 0.7, "top_k": 50}
@@ -131,7 +137,13 @@ class ChatSession:
     def reply(self, text: str) -> Generator[str, None, None]:
         """Add the user's `text` and stream the model's answer. The answer joins the history when the
         stream ends, or as far as it got when the stream is closed or interrupted (Ctrl-C)."""
-        self.tokenizer.encode_plain(text)  # a TokenizerError here, before the history changes
+        try:
+            self.tokenizer.encode_plain(text)  # before the history changes
+        except UnknownCharacter as e:
+            raise UnreadableMessage(
+                f"not sent: this model cannot read {e.char!r} (U+{ord(e.char):04X}), a character its vocabulary "
+                "lacks; say it without that character"
+            ) from None
         self.turns.append(Message("user", text))
         self.fit_history()
         return self._answer()
@@ -235,6 +247,8 @@ def chat_loop(
                 out(shown)
             else:
                 show_reply(session, line, out)
+        except UnreadableMessage as e:
+            out(str(e))  # the conversation goes on, scripted or not
         except KilnError as e:
             if not interactive:
                 raise

@@ -256,8 +256,10 @@ def test_text_the_tokenizer_cannot_read_is_one_line(model, tokenizer):
     chat_loop(you, Lines("café", "/set temperature=0.4"), shown)
     assert "'é'" in shown.lines[1] and shown.lines[2] == "temperature=0.4"
     assert you.turns == []
-    with pytest.raises(TokenizerError):
-        run_script(you, ["café"], Transcript())
+    scripted = Transcript()
+    run_script(you, ["café", "cafe"], scripted)  # a script goes on past it too, and answers the next line
+    assert "not sent: this model cannot read 'é' (U+00E9)" in scripted.text
+    assert [m.role for m in you.turns] == ["user", "assistant"] and you.turns[0].content == "cafe"
     with pytest.raises(TokenizerError):
         you.handle("/system Soyez polis, s'il vous plaît.")
 

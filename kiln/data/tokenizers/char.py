@@ -16,6 +16,17 @@ UNK = "<unk>"
 Added = tuple[str, bool]  # (text, is_special)
 
 
+class UnknownCharacter(TokenizerError):
+    """Text holds a character the char vocabulary lacks."""
+
+    def __init__(self, char: str, position: int):
+        super().__init__(
+            f"character {char!r} (U+{ord(char):04X}) at position {position:,} is not in the char vocabulary; "
+            "rebuild the vocabulary on this text, or use --unk"
+        )
+        self.char, self.position = char, position
+
+
 class CharTokenizer(Tokenizer):
     """Ids 0..n-1 are the sorted characters; special tokens (and `<unk>` when asked for) follow them."""
 
@@ -99,10 +110,7 @@ class CharTokenizer(Tokenizer):
         if unknown.any():
             if self.unk_id is None:
                 first = int(np.argmax(unknown))
-                raise TokenizerError(
-                    f"character {text[first]!r} (U+{ord(text[first]):04X}) at position {first:,} is not "
-                    "in the char vocabulary; rebuild the vocabulary on this text, or use --unk"
-                )
+                raise UnknownCharacter(text[first], first)
             ids[unknown] = self.unk_id
         return ids
 
