@@ -141,18 +141,34 @@ class InstructionData:
     skipped: int = 0
     details: dict = field(default_factory=dict)
 
+    def unique_conversations(self) -> list[Conversation]:
+        """The conversations without exact repeats (same roles, texts and contexts), first ones kept."""
+        seen, unique = set(), []
+        for conversation in self.conversations:
+            key = tuple((m.role, m.content, m.context) for m in conversation.messages)
+            if key not in seen:
+                seen.add(key)
+                unique.append(conversation)
+        return unique
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.conversations) - len(self.unique_conversations())
+
     def split(self, fractions: tuple[float, float, float] = (0.85, 0.10, 0.05), seed: int = 123) -> dict:
         """Shuffle by `seed` and cut into train/val/test (LLMs-from-scratch ch. 7 uses 85/10/5).
 
-        Val and test take their rounded-down share; train takes the rest, so no example is lost.
+        Val and test take their rounded-down share; train takes the rest, so no example is lost. Exact
+        duplicates are dropped first, so that no held-out example is also a training one.
         """
         if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
             raise DataError(f"split fractions {fractions} should be three non-negative numbers adding up to 1")
-        order = np.random.default_rng(seed).permutation(len(self.conversations))
+        unique = self.unique_conversations()
+        order = np.random.default_rng(seed).permutation(len(unique))
         n = len(order)
         n_val, n_test = int(n * fractions[1]), int(n * fractions[2])
         n_train = n - n_val - n_test
-        pick = [self.conversations[i] for i in order]
+        pick = [unique[i] for i in order]
         return {"train": pick[:n_train], "val": pick[n_train : n_train + n_val], "test": pick[n_train + n_val :]}
 
 

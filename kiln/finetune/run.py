@@ -95,6 +95,11 @@ def finetune_and_report(
         + ", ".join(f"{name} {len(examples):,}" for name, examples in encoded.items())
         + f"; template {template.name}"
     )
+    if data.duplicates:
+        print(
+            f"dropped {data.duplicates:,} exact duplicate examples before splitting "
+            "(so that none is both trained on and held out)"
+        )
     if truncated:
         print(
             f"warning: {truncated:,} examples are longer than the context of {model.config.block_size} tokens "

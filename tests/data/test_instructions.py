@@ -116,3 +116,19 @@ def test_a_named_format_must_fit(tmp_path):
 def test_running_text_is_not_instruction_data(mirror):
     with pytest.raises(DataError, match="running text"):
         load_instructions("tinyshakespeare", mirror)
+
+
+def test_exact_duplicates_are_dropped_before_the_split_so_none_is_both_trained_and_held_out(tmp_path):
+    import json
+
+    from kiln.data.instructions import load_instructions
+
+    records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(40)]
+    path = tmp_path / "dups.json"
+    path.write_text(json.dumps(records + records[:15]))
+    data = load_instructions(str(path))
+    assert data.duplicates == 15
+    splits = data.split()
+    texts = {name: [c.messages[0].content for c in part] for name, part in splits.items()}
+    assert sum(len(t) for t in texts.values()) == 40
+    assert not set(texts["train"]) & (set(texts["val"]) | set(texts["test"]))

@@ -36,7 +36,10 @@ def base_checkpoint(tmp_path):
 
 @pytest.fixture
 def instruction_file(tmp_path):
-    records = [{"instruction": q, "input": i, "output": a} for q, i, a in QUESTIONS * 5]
+    # Five wordings of each question (from the base's own characters), so that no two examples are the
+    # same and the val split holds examples the model did not train on.
+    openings = ["", "Please, ", "Now, ", "Quick: ", "Again, "]
+    records = [{"instruction": o + q, "input": i, "output": a} for o in openings for q, i, a in QUESTIONS]
     path = tmp_path / "instructions.json"
     path.write_text(json.dumps(records))
     return path

@@ -46,7 +46,9 @@ def chat_checkpoint(tmp_path):
 
 def command_lines(checkpoint: Path, tmp_path: Path, mirror: Path) -> dict[str, list[str]]:
     data = tmp_path / "tiny.json"
-    data.write_text(json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 20))
+    data.write_text(
+        json.dumps([{"instruction": f"say hi {c}", "input": "", "output": "hi"} for c in "abcdefghijklmnopqrst"])
+    )
     return {
         "train": ["train", *TINY, "--max-iters", "2", "--out", str(tmp_path / "train")],
         "finetune": [
@@ -97,7 +99,8 @@ def test_train_in_two_processes_then_resume_in_one(tmp_path, mirror):
 
 def test_finetune_in_two_processes(tmp_path, chat_checkpoint):
     data = tmp_path / "tiny.json"
-    data.write_text(json.dumps([{"instruction": f"say {w}", "input": "", "output": w} for w in ("ab", "cd", "ef")] * 8))
+    words = [a + b for a in "abcd" for b in "efghij"]  # 24 different examples
+    data.write_text(json.dumps([{"instruction": f"say {w}", "input": "", "output": w} for w in words]))
     out = tmp_path / "ft"
     done = kiln(
         "finetune",
