@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import kiln
-from kiln.errors import KilnError
+from kiln.errors import KilnError, TrainingStopped
 
 EXIT_USER_ERROR = 2
 
@@ -637,7 +637,6 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     from kiln.distributed import DistributedError, launched_world, leave, quiet_other_ranks
-    from kiln.train.engine import TrainingStopped
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

@@ -3,7 +3,8 @@ training engine needs. With one process every call here is a no-op, so the engin
 without ranks (torchtitan's shape: a thin layer over torch.distributed).
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address; `kiln train --nproc N` starts
-torchrun for the user. NCCL joins CUDA processes, gloo CPU ones.
+torchrun for the user. NCCL joins CUDA processes, gloo CPU ones. torch is imported only by the calls
+that need it: every `kiln` command asks `launched_world()` at start, most never train.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    import torch
 
 # How long a rank waits in a collective for the others before it gives up with a message (a rank that
 # died mid-step), instead of hanging forever.
@@ -60,16 +62,19 @@ def launched_world() -> World:
     )
 
 
-_collective_device = torch.device("cpu")  # NCCL reduces tensors on the GPU, gloo on the CPU
+_collective_device = "cpu"  # NCCL reduces tensors on the GPU, gloo on the CPU
 
 
 def join(world: World, device: torch.device) -> None:
     """Join the process group (once): NCCL for CUDA, gloo otherwise."""
+    import torch
+    import torch.distributed as dist
+
     global _collective_device
     if not world.distributed or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    _collective_device = device if device.type == "cuda" else torch.device("cpu")
+    _collective_device = device if device.type == "cuda" else "cpu"
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -77,6 +82,11 @@ def join(world: World, device: torch.device) -> None:
 
 
 def leave() -> None:
+    """Leave the process group, if this process joined one."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -86,7 +96,7 @@ def collective(world: World, what: str) -> Iterator[None]:
     """Turn a peer lost in the middle of `what` into one line that names this rank."""
     try:
         yield
-    except (RuntimeError, dist.DistBackendError) as e:
+    except RuntimeError as e:  # torch.distributed's DistBackendError among them
         if not world.distributed:
             raise
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -98,18 +108,15 @@ def collective(world: World, what: str) -> Iterator[None]:
 
 def all_reduce_sum(world: World, values: torch.Tensor) -> torch.Tensor:
     """The sum of `values` over every rank (the tensor itself with one process)."""
-    if not world.distributed:
-        return values
-    on_device = values.to(_collective_device)
-    with collective(world, "a step"):
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-    return on_device.to(values.device)
+    return all_reduce_sum_later(world, values)()
 
 
 def all_reduce_sum_later(world: World, values: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Start summing `values` over every rank and go on; the returned function waits for the sum."""
     if not world.distributed:
         return lambda: values
+    import torch.distributed as dist
+
     on_device = values.to(_collective_device)
     with collective(world, "a step"):
         work = dist.all_reduce(on_device, op=dist.ReduceOp.SUM, async_op=True)
@@ -126,6 +133,8 @@ def broadcast_tensor(world: World, values: torch.Tensor) -> torch.Tensor:
     """Rank 0's `values`, on every rank."""
     if not world.distributed:
         return values
+    import torch.distributed as dist
+
     on_device = values.to(_collective_device)
     with collective(world, "a step"):
         dist.broadcast(on_device, src=0)
@@ -136,6 +145,8 @@ def broadcast_object(world: World, value):
     """Rank 0's `value`, on every rank."""
     if not world.distributed:
         return value
+    import torch.distributed as dist
+
     box = [value]
     with collective(world, "a broadcast"):
         dist.broadcast_object_list(box, src=0)
@@ -144,6 +155,8 @@ def broadcast_object(world: World, value):
 
 def barrier(world: World, what: str) -> None:
     if world.distributed:
+        import torch.distributed as dist
+
         with collective(world, what):
             dist.barrier()
 

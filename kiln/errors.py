@@ -15,3 +15,12 @@ class TokenizerError(KilnError):
 
 class ConfigError(KilnError):
     """A setting that does not exist or has a value of the wrong kind."""
+
+
+class TrainingStopped(Exception):
+    """Not a mistake: SIGINT or SIGTERM asked a run to stop, and it saved `folder` at `step` first.
+    `kiln.cli` says how to resume and exits 128 + the signal's number."""
+
+    def __init__(self, signal_name: str, signal_number: int, step: int, folder):
+        super().__init__(f"stopped by {signal_name} at step {step:,}; saved {folder}")
+        self.signal_number, self.step, self.folder = signal_number, step, folder

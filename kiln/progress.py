@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from kiln.distributed import launched_world
+
 QUIET_ENV = "KILN_QUIET"
 
 
@@ -49,8 +51,7 @@ def progress_bar(label: str, total: float | None, unit: str = "") -> Iterator[Ca
     """Yield `advance(n, label=None, total=None)`; draws a transient bar with rate and ETA on stderr when
     it is a terminal. A new `label` replaces the description (e.g. to show the current loss), a new
     `total` the length (once a time-limited run knows how many steps fit)."""
-    # RANK is torchrun's (read here directly: the lessons import this without torch).
-    if os.environ.get(QUIET_ENV) or not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
+    if os.environ.get(QUIET_ENV) or not sys.stderr.isatty() or not launched_world().is_main:
         yield lambda n, label=None, total=None: None
         return
     columns: list = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]

@@ -55,6 +55,11 @@ def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch
     return inputs, labels
 
 
+def steps_per_epoch(examples: int, rows_per_step: int) -> int:
+    """Steps in one pass over `examples`, the last one taking what is left."""
+    return -(-examples // rows_per_step)
+
+
 class ExampleSteps:
     """Fine-tuning's rows for the training engine: each epoch shuffles the examples (the order of epoch e
     depends only on seed and e) and step s takes the next `rows_per_step` of them, the last step of an
@@ -67,7 +72,7 @@ class ExampleSteps:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.examples) // self.rows_per_step)
+        return steps_per_epoch(len(self.examples), self.rows_per_step)
 
     def rows(self, step: int) -> np.ndarray:
         epoch, index = divmod(step, self.steps_per_epoch)

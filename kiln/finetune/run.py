@@ -11,11 +11,11 @@ import torch
 
 from kiln.checkpoint import (
     TrainingState,
-    is_adapter,
     is_checkpoint,
     load_checkpoint,
     load_training_state,
     read_info,
+    resumable_step,
     save_adapter,
     save_checkpoint,
 )
@@ -25,7 +25,7 @@ from kiln.data.tokenizers import Tokenizer
 from kiln.device import pick_device
 from kiln.distributed import launched_world
 from kiln.errors import ConfigError
-from kiln.finetune.examples import encode_conversations
+from kiln.finetune.examples import encode_conversations, steps_per_epoch
 from kiln.finetune.sft import finetune_settings, run_sft
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.gpt import GPT
@@ -134,8 +134,8 @@ def finetune_and_report(
         return _restore(folder, module, lora is not None)
 
     print(describe_setup(train_config, model.config))
-    steps_per_epoch = -(-len(encoded["train"]) // train_config.rows_per_step)
-    with progress_bar("fine-tuning", total=planned_steps(train_config, steps_per_epoch, None), unit="steps") as advance:
+    epoch_steps = steps_per_epoch(len(encoded["train"]), train_config.rows_per_step)
+    with progress_bar("fine-tuning", total=planned_steps(train_config, epoch_steps, None), unit="steps") as advance:
         result = run_sft(
             trained,
             encoded["train"],
@@ -152,23 +152,23 @@ def finetune_and_report(
             lora=lora is not None,
         )
     if launched_world().is_main:
-        _report(result, out, steps_per_epoch)
+        _report(result, out, epoch_steps)
         _show_example(out / "best", splits["test"] or splits["val"], train_config.device)
     return out / "best"
 
 
-def _check_resumable(last: Path, base: str | os.PathLike, data_spec: str, lora: LoraSettings | None) -> None:
-    """A fine-tuning run continues only from its own `last/`, with the base and data it began with."""
-    if not (is_checkpoint(last) or is_adapter(last)) or load_training_state(last) is None:
-        raise ConfigError(f"{last}: no fine-tuning checkpoint to resume; drop --resume to start a new run")
-    saved = read_info(last).get("finetune", {})
+def _check_resumable(folder: Path, base: str | os.PathLike, data_spec: str, lora: LoraSettings | None) -> None:
+    """A fine-tuning run continues only from its own checkpoint, with the base and data it began with."""
+    if resumable_step(folder) is None:
+        raise ConfigError(f"{folder}: no fine-tuning checkpoint to resume; drop --resume to start a new run")
+    saved = read_info(folder).get("finetune", {})
     if saved.get("base") != str(Path(base).resolve()) or saved.get("data") != data_spec:
         raise ConfigError(
-            f"{last}: was fine-tuned from {saved.get('base')} on {saved.get('data')}; "
+            f"{folder}: was fine-tuned from {saved.get('base')} on {saved.get('data')}; "
             "resume with the same base and --data"
         )
     if bool(saved.get("lora")) != bool(lora) or (lora and saved.get("lora") != asdict(lora)):
-        raise ConfigError(f"{last}: was trained with LoRA settings {saved.get('lora')}; resume with the same ones")
+        raise ConfigError(f"{folder}: was trained with LoRA settings {saved.get('lora')}; resume with the same ones")
 
 
 def _restore(folder: Path, module, lora: bool) -> TrainingState:
@@ -184,9 +184,9 @@ def _restore(folder: Path, module, lora: bool) -> TrainingState:
     return load_training_state(folder)
 
 
-def _report(result: TrainResult, out: Path, steps_per_epoch: int) -> None:
+def _report(result: TrainResult, out: Path, epoch_steps: int) -> None:
     print(
-        f"done: {result.steps:,} steps ({result.steps / steps_per_epoch:.2f} epochs) in {result.seconds:.0f}s"
+        f"done: {result.steps:,} steps ({result.steps / epoch_steps:.2f} epochs) in {result.seconds:.0f}s"
         + (" (stopped early: val loss stopped improving)" if result.stopped_early else "")
         + f"; val loss {result.first_val_loss:.4f} before, {result.best_val_loss:.4f} best"
     )

@@ -113,6 +113,5 @@ def run_sft(
         restore=restore,
         steps_per_epoch=steps.steps_per_epoch,
         evaluate_at_start=True,
-        name="fine-tuning",
     )
     return train_model(model, config.optim(lr), train_config, stage, out, resume, on_step, on_estimate)

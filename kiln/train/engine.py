@@ -44,7 +44,7 @@ from kiln.distributed import (
     join,
     launched_world,
 )
-from kiln.errors import ConfigError, KilnError
+from kiln.errors import ConfigError, KilnError, TrainingStopped
 from kiln.model.gpt import GPT, IGNORE, GPTConfig
 from kiln.train.metrics import METRICS_FILE, MetricsLog
 from kiln.train.optim import OptimConfig, build_optimizers, continued_lr_factor, set_learning_rates
@@ -76,14 +76,6 @@ def _is_fit_point(steps_done: int) -> bool:
 
 class TrainingDiverged(KilnError):
     """The loss became NaN or infinite."""
-
-
-class TrainingStopped(Exception):
-    """SIGINT or SIGTERM asked the run to stop: it finished its step and saved `folder`."""
-
-    def __init__(self, signal_number: int, step: int, folder: Path):
-        super().__init__(f"stopped by {signal.Signals(signal_number).name} at step {step:,}; saved {folder}")
-        self.signal_number, self.step, self.folder = signal_number, step, folder
 
 
 def catch_stop_requests() -> tuple[list[int], Callable[[], None]]:
@@ -182,21 +174,20 @@ class Stage:
     `rows(step)` names the step's training rows (windows, examples, pairs) in a fixed order, from the seed
     and the step alone; `batch(rows)` builds one micro-batch of them. `loss_sum(model, batch)` sums the
     loss over the batch's units and `units(batch)` counts them. `evaluate(model)` returns metrics with
-    at least `val_loss`. `save(folder, model, state)` writes a checkpoint (state None: weights only);
+    at least `val_loss`. `save(folder, model, state)` writes a checkpoint with its training state;
     `restore(folder, model)` loads one's weights into `model` and returns its training state.
     """
 
     rows: Callable[[int], np.ndarray]
     batch: Callable[[np.ndarray], Any]
     evaluate: Callable[[nn.Module], dict[str, float]]
-    save: Callable[[Path, nn.Module, TrainingState | None], None]
+    save: Callable[[Path, nn.Module, TrainingState], None]
     restore: Callable[[Path, nn.Module], TrainingState]
     steps_per_epoch: float
     tokens_per_step: int | None = None  # known when every row is a full window (pretraining)
     loss_sum: Callable[[nn.Module, Any], torch.Tensor] = token_loss_sum
     units: Callable[[Any], int] = target_count
     evaluate_at_start: bool = False  # fine-tuning reports the loss before it trains
-    name: str = "training"
 
 
 @dataclass
@@ -209,8 +200,6 @@ class TrainResult:
     last_val_loss: float
     stopped_early: bool
     run_dir: Path
-    precision: str = ""
-    world_size: int = 1
 
 
 def planned_steps(config: TrainConfig, steps_per_epoch: float, tokens_per_step: int | None) -> int | None:
@@ -296,12 +285,17 @@ def train_device(config: TrainConfig, world: World) -> torch.device:
     return device
 
 
+def process_threads(config: TrainConfig, world: World) -> int:
+    """CPU compute threads for this process: as set, or the physical cores shared by this machine's ranks."""
+    return config.threads or max(1, physical_cores() // world.local_size)
+
+
 def describe_setup(config: TrainConfig, model_config: GPTConfig | None, world: World | None = None) -> str:
     """One line: device, precision (and why), threads, processes."""
     world = world or launched_world()
     device = train_device(config, world)
     width = model_config.n_embd if model_config else None
-    threads = config.threads or max(1, physical_cores() // world.local_size)
+    threads = process_threads(config, world)
     return (
         f"device: {device}, {precision_reason(config.precision, device, width)}"
         + (f", {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else "")
@@ -347,7 +341,7 @@ def train_model(
     split = StepSplit.plan(config, world)
     device = train_device(config, world)
     join(world, device)
-    threads = set_threads(config.threads or max(1, physical_cores() // world.local_size))
+    threads = set_threads(process_threads(config, world))
     shape = model_config_of(model)
     amp = autocast_dtype(config.precision, device, shape.n_embd if shape else None)
     total_steps = planned_steps(config, stage.steps_per_epoch, stage.tokens_per_step)
@@ -387,12 +381,12 @@ def train_model(
     if resume and total_steps is None:
         # A time-limited run keeps the schedule length it calibrated, so the learning rate carries on.
         total_steps = saved_total
-    restart = progress.get("schedule_restart")
+    restart = tuple(progress["schedule_restart"]) if progress.get("schedule_restart") else None
     if resume and saved_total and total_steps and total_steps != saved_total:
         # A new length: decay on from the factor reached, over the steps now left (docs/train.md).
         warmup = min(optim_config.warmup_iters, saved_total // 5)
         if step >= warmup:
-            restart = (step, continued_lr_factor(step, saved_total, optim_config, restart and tuple(restart)))
+            restart = (step, continued_lr_factor(step, saved_total, optim_config, restart))
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(world, "the start")
@@ -483,9 +477,7 @@ def train_model(
                 if out_of_time:
                     break
             step_start = time.perf_counter()
-            set_learning_rates(
-                optimizers, continued_lr_factor(step, total_steps or 10**9, optim_config, restart and tuple(restart))
-            )
+            set_learning_rates(optimizers, continued_lr_factor(step, total_steps or 10**9, optim_config, restart))
             rows = stage.rows(step)
             micro = split.micro_rows(rows)
             batches = [stage.batch(r if len(r) else rows[:1]) for _, r in micro]
@@ -505,7 +497,8 @@ def train_model(
                         loss = stage.loss_sum(step_model, batch_to(batch, device))
                     weight = loss_factor * world.size / global_units if len(part) else 0.0
                     (loss * weight).backward()
-                step_loss += loss.detach() * (1.0 if len(part) else 0.0)
+                if len(part):  # a stand-in batch (a rank with no rows this step) adds nothing
+                    step_loss += loss.detach()
             # The step's loss is summed over the ranks while the optimizer steps; a NaN is caught before
             # anything is saved, so `last/` stays the last good checkpoint.
             # The stop request rides along: every rank stops at the same step if any was asked to.
@@ -559,7 +552,7 @@ def train_model(
     if stopped_by:
         if evaluated_at != step:
             save(run_dir / "last")
-        raise TrainingStopped(stopped_by, step, run_dir / "last")
+        raise TrainingStopped(signal.Signals(stopped_by).name, stopped_by, step, run_dir / "last")
     if evaluated_at != step:  # stopped by the clock between evaluations
         evaluate_and_save()
     if metrics:
@@ -573,6 +566,4 @@ def train_model(
         last_val_loss=last_val,
         stopped_early=stopped_early,
         run_dir=run_dir,
-        precision="bf16" if amp else "fp32",
-        world_size=world.size,
     )

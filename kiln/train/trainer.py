@@ -104,7 +104,6 @@ def train(
         restore=restore,
         steps_per_epoch=len(train_tokens) / tokens_per_step,
         tokens_per_step=tokens_per_step,
-        name="pretraining",
     )
     return train_model(model, optim_config, train_config, stage, run_dir, resume, on_step, on_estimate)
 
