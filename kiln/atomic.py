@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -44,6 +45,24 @@ def _fsync_tree(folder: Path) -> None:
         for name in files:
             _fsync(Path(root) / name)
         _fsync(Path(root))
+
+
+@contextmanager
+def write_lock(target: Path) -> Iterator[None]:
+    """Hold `target`'s writer lock (`.NAME.lock` beside it) until the block ends.
+
+    For folders that several processes may build at once, such as the cached corpus that every rank of
+    a run asks for: they take turns, so none sweeps away another's half-written `.part` folder, and the
+    later ones find the first one's finished work. The kernel frees the lock if its holder dies.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def recover_dir(target: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.atomic import write_lock
 from kiln.checkpoint import Checkpoint, load_checkpoint
 from kiln.config import apply_settings
 from kiln.data.corpus import ReadOptions, open_corpus
@@ -77,7 +78,8 @@ def training_data(
     key = hashlib.sha256(f"{source}\0{tokenizer_key}\0{options.one_per_line}".encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(spec).name or spec)[:40]
     folder = cache_dir() / "prepared" / f"{name}-{tokenizer_name}-{key}"
-    return prepare_corpus(open_corpus(spec, data_dir, options), tokenizer, folder, data_dir=data_dir)
+    with write_lock(folder):  # every rank of a run asks for it at once: one prepares, the rest reuse
+        return prepare_corpus(open_corpus(spec, data_dir, options), tokenizer, folder, data_dir=data_dir)
 
 
 @dataclass

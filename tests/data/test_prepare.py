@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +23,7 @@ from kiln.errors import ConfigError, DataError
 
 def test_tiny_shakespeare_char_split_is_nanogpts(shakespeare_prepared, shakespeare_text):
     char = shakespeare_prepared["char"]
-    assert char.meta["splits"]["train"]["tokens"] == 1_003_854
+    assert char.meta["splits"]["train"]["tokens"] == 301_966
     assert char.meta["splits"]["val"]["tokens"] == 111_540
     assert char.meta["tokenizer"]["vocab_size"] == 65
     assert char.dtype == np.uint16
@@ -176,3 +180,34 @@ def test_reusing_a_subword_corpus_does_not_read_the_text_again(tmp_path, mirror,
 
     monkeypatch.setattr(type(corpora["all"]), "documents", no_reading)
     assert prepare_corpus(corpora, "gpt2", tmp_path / "v", data_dir=mirror).meta == first.meta
+
+
+def test_processes_asking_for_one_cached_corpus_at_once_all_get_it_whole(tmp_path, mirror):
+    """Every rank of a run asks for the same cached corpus at the same moment; none may sweep away the
+    folder another is writing (a CI failure once), and all end with the same data."""
+    # Writing is slowed so that the others surely arrive while the first one is half way; each process
+    # says whether it wrote the folder or found it made.
+    ask = (
+        "import time; from kiln.data import prepare; encode = prepare._encode_into; wrote = []\n"
+        "prepare._encode_into = lambda *a: (wrote.append(1), time.sleep(1), encode(*a))\n"
+        "from kiln.train.run import training_data\n"
+        "corpus = training_data('the-verdict', 'char', None)\n"
+        "print(corpus.folder, 'wrote' if wrote else 'reused', len(corpus.tokens('train')))"
+    )
+    env = {**os.environ, "KILN_DATA_DIR": str(mirror), "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ask], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    reports = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr
+        reports.append(stdout.split())
+    assert len({folder for folder, _, _ in reports}) == 1
+    assert sorted(how for _, how, _ in reports) == ["reused", "reused", "reused", "wrote"]
+    assert {int(tokens) for _, _, tokens in reports} == {18_431}
+    folder = reports[0][0]
+    assert not list(Path(folder).parent.glob("*.part"))
