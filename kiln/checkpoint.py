@@ -215,10 +215,11 @@ def load_checkpoint(
     return Checkpoint(model.to(device), tokenizer, info, load_training_state(folder, device))
 
 
-def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathLike | None) -> Checkpoint:
-    from kiln.model.lora import load_lora, merge_lora
-
-    info = json.loads((folder / CONFIG_FILE).read_text())
+def adapter_base(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """The base checkpoint an adapter folder applies to (its own record, or `base`), checked to hold
+    the very weights the adapter was trained on."""
+    folder = Path(folder)
+    info = read_info(folder)
     base = Path(base or info["base"])
     if not is_checkpoint(base):
         raise ConfigError(
@@ -230,13 +231,25 @@ def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathL
             f"{folder}: this adapter was trained on other weights than {base} holds "
             f"(sha256 {info['base_sha256'][:12]}...); give the base it was trained on"
         )
-    checkpoint = load_checkpoint(base, device)
-    model, shape = checkpoint.model, GPTConfig.from_dict(info["model"])
+    return base
+
+
+def shape_for_adapter(model: GPT, folder: str | os.PathLike) -> None:
+    """Grow `model` (the adapter's base) to the vocabulary and context the adapter was trained with."""
+    shape = GPTConfig.from_dict(read_info(folder)["model"])
     model.resize_vocab(shape.vocab_size)
     model.resize_context(shape.block_size)
+
+
+def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathLike | None) -> Checkpoint:
+    from kiln.model.lora import load_lora, merge_lora
+
+    checkpoint = load_checkpoint(adapter_base(folder, base), device)
+    model = checkpoint.model
+    shape_for_adapter(model, folder)
     with _damaged_file(folder / "adapter_model.safetensors"):
         merged = merge_lora(load_lora(model, str(folder)))
-    return Checkpoint(merged.to(device), load_tokenizer(folder / TOKENIZER_DIR), info, None)
+    return Checkpoint(merged.to(device), load_tokenizer(folder / TOKENIZER_DIR), read_info(folder), None)
 
 
 @contextmanager

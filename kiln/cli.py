@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import kiln
-from kiln.errors import KilnError, TrainingStopped
+from kiln.errors import ConfigError, KilnError, TrainingStopped
 
 EXIT_USER_ERROR = 2
 
@@ -198,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--repetition-penalty", type=float, default=1.0)
     ch.add_argument("--seed", type=int)
     _add_device(ch)
+
+    sv = commands.add_parser(
+        "serve", parents=common, help="serve a model: an OpenAI-compatible API and a web chat (FastAPI + uvicorn)"
+    )
+    sv.add_argument("checkpoint", help="a run folder (its best/), a checkpoint or an adapter folder")
+    sv.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter on the same base; repeat"
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--db", help="SQLite file for saved conversations (default: chat.db in the run folder)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API call")
+    sv.add_argument("--runs", help="a folder of runs to show on the runs page (default: the served run's parent)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
+    sv.add_argument("--queue", type=int, default=32, help="requests that may wait for a slot (default 32)")
+    _add_device(sv)
 
     ev = commands.add_parser(
         "evaluate", parents=common, help="score a checkpoint: loss and bits per byte on text, ROUGE-L on instructions"
@@ -536,6 +552,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(session, interactive=sys.stdin.isatty())
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from kiln.serve.run import serve
+
+    adapters = {}
+    for pair in args.adapter:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {pair}: write NAME=PATH, e.g. --adapter maths=runs/maths-lora")
+        adapters[name] = path
+    serve(
+        args.checkpoint,
+        adapters,
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        api_key=args.api_key,
+        runs=args.runs,
+        max_batch=args.max_batch,
+        queue=args.queue,
+        device=args.device,
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from kiln.device import set_threads
     from kiln.evaluate.run import evaluate
@@ -626,6 +665,7 @@ COMMANDS = {
     ("sample", None): cmd_sample,
     ("finetune", None): cmd_finetune,
     ("chat", None): cmd_chat,
+    ("serve", None): cmd_serve,
     ("evaluate", None): cmd_evaluate,
     ("merge", None): cmd_merge,
     ("export", None): cmd_export,

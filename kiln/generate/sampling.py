@@ -92,43 +92,62 @@ def generate(model, prompt: torch.Tensor, config: SamplingConfig, stop_ids: set[
             logits = model.decode(token, cache)
 
 
+class TextStream:
+    """Token ids in, text out: text is released only once it decodes cleanly, so a character split
+    across byte-level tokens is never shown half-made, and a tail that may be the start of a stop
+    string is held back; a stop string ends the text and is not shown."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop or [] if s]
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False  # a stop string was met
+
+    def add(self, token: int) -> str:
+        """The text that `token` makes ready to show (maybe none)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of the character's bytes
+        hit = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if hit >= 0:
+            self.stopped = True
+            return self._show(text[:hit])
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        return self._show(text[: len(text) - hold] if hold else text)
+
+    def finish(self) -> str:
+        """What was held back, once no more tokens come (nothing after a stop string)."""
+        return "" if self.stopped else self._show(self.tokenizer.decode(self.ids))
+
+    def _show(self, text: str) -> str:
+        if len(text) <= len(self.shown):
+            return ""
+        new, self.shown = text[len(self.shown) :], text
+        return new
+
+
 def stream_text(
     model, tokenizer, prompt: str | list[int], config: SamplingConfig, stop: list[str] | None = None
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` (text, or token ids) as text, piece by piece, ending at EOS or
-    a stop string.
-
-    Text is released only once it decodes cleanly, so a character split across byte-level tokens is
-    never printed half-made; a stop string is cut off and not shown.
-    """
+    a stop string (see TextStream)."""
     ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [
         tokenizer.eos_id if tokenizer.eos_id is not None else 0
     ]
     device = next(model.parameters()).device
-    stop = [s for s in stop or [] if s]
-    new_ids: list[int] = []
-    shown = ""
+    stream = TextStream(tokenizer, stop)
     stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
     for token in generate(model, torch.tensor([ids], device=device), config, stop_ids=stop_ids):
         if token == tokenizer.eos_id:
             break
-        new_ids.append(token)
-        text = tokenizer.decode(new_ids)
-        if text.endswith("\ufffd"):
-            continue  # wait for the rest of the character's bytes
-        hit = min((text.find(s) for s in stop if s in text), default=-1)
-        if hit >= 0:
-            yield text[len(shown) : hit]
+        if piece := stream.add(token):
+            yield piece
+        if stream.stopped:
             return
-        # hold back a tail that might be the start of a stop string
-        hold = max((len(s) - 1 for s in stop), default=0)
-        ready = len(text) - hold if hold else len(text)
-        if ready > len(shown):
-            yield text[len(shown) : ready]
-            shown = text[:ready]
-    final = tokenizer.decode(new_ids)
-    if len(final) > len(shown):
-        yield final[len(shown) :]
+    if rest := stream.finish():
+        yield rest
 
 
 def stream_reply(

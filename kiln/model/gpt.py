@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import ConfigError
-from kiln.model.kv_cache import KVCache
+from kiln.model.kv_cache import KVCache, SlotCache
 
 BLOCK_STYLES = ("gpt2", "llama")
 # gpt2 blocks' MLP activation: exact GELU (nanoGPT's, and about 2x faster on CPU than the tanh form) or
@@ -141,6 +141,15 @@ class Attention(nn.Module):
         mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
+    def decode_rows(self, x: torch.Tensor, rope, cache: SlotCache, layer: int, rows, positions) -> torch.Tensor:
+        """Batched inference: row i's one new position sits at positions[i] of cache slot rows[i] and
+        sees that slot's keys up to it; shorter slots are masked, so every sequence keeps its own length."""
+        q, k, v = self._project(x, rope)
+        keys, values = cache.write(layer, rows, positions, k[:, :, 0], v[:, :, 0])
+        k, v = self._expand_kv(keys, values)
+        mask = torch.arange(keys.shape[2], device=x.device)[None, :] <= positions[:, None]
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]))
+
 
 def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for positions 0..length-1, laid out for `rotate_half` as transformers' Llama does."""
@@ -250,6 +259,10 @@ class Block(nn.Module):
 
     def decode(self, x, rope, cache: KVCache, layer: int):
         x = x + self.attn.decode(self.norm1(x), rope, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+    def decode_rows(self, x, rope, cache: SlotCache, layer: int, rows, positions):
+        x = x + self.attn.decode_rows(self.norm1(x), rope, cache, layer, rows, positions)
         return x + self.mlp(self.norm2(x))
 
 
@@ -375,4 +388,19 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block.decode(x, rope, cache, layer)
         cache.advance(idx.shape[1])
+        return self.lm_head(self.norm_f(x))
+
+    @torch.no_grad()
+    def decode_rows(self, idx: torch.Tensor, cache: SlotCache, rows: torch.Tensor, positions: torch.Tensor):
+        """One step of batched inference: token idx[i] [B, 1] continues the sequence in slot rows[i] at
+        position positions[i]; returns logits [B, 1, V]. The caller advances the slots' lengths."""
+        if int(positions.max()) >= self.config.block_size:
+            raise ConfigError(f"position {int(positions.max())} is past block_size {self.config.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x, rope = x + self.wpe(positions)[:, None], None
+        else:
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        for layer, block in enumerate(self.blocks):
+            x = block.decode_rows(x, rope, cache, layer, rows, positions)
         return self.lm_head(self.norm_f(x))

@@ -47,3 +47,35 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class SlotCache:
+    """Keys and values for `slots` sequences that each grow at their own pace (a server's requests):
+    a prefill fills one slot through `slot(i)`, then `write` adds one position to many slots at once."""
+
+    def __init__(self, model, slots: int):
+        c = model.config
+        param = next(model.parameters())
+        shape = (c.n_layer, slots, c.kv_heads, c.block_size, c.head_dim)
+        self.k = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.v = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.slots = slots
+
+    def slot(self, index: int) -> KVCache:
+        """A KVCache that reads and writes slot `index` only (views into this cache), empty."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, index : index + 1], self.v[:, index : index + 1]
+        view.max_len, view.length = self.k.shape[3], 0
+        return view
+
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k[i], v[i] [B, kv_heads, head_dim] at positions[i] of slot rows[i]; return those slots'
+        keys and values up to the furthest position [B, kv_heads, T, head_dim]."""
+        keys, values = self.k[layer], self.v[layer]
+        keys[rows, :, positions] = k
+        values[rows, :, positions] = v
+        end = int(positions.max()) + 1
+        first, count = int(rows[0]), rows.numel()
+        if int(rows[-1]) - first + 1 == count:  # neighbouring slots: a view, no copy
+            return keys[first : first + count, :, :end], values[first : first + count, :, :end]
+        return keys[rows, :, :end], values[rows, :, :end]

@@ -1,0 +1,202 @@
+"""The queue in front of the models, and the one thread that runs them: each request takes a KV-cache
+slot, is prefilled alone, then decodes one token per step together with every other request on the
+same engine (llama.cpp's server slots). A request whose client has gone is dropped before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.generate.sampling import SamplingConfig, TextStream, next_token, process_logits
+from kiln.serve.auth import APIError
+from kiln.serve.models import Engine, ModelRegistry, ServedModel
+
+
+@dataclass
+class Job:
+    """One request: what to generate, and a queue of events for the client: ("text", piece) as text
+    becomes ready, then ("end", finish_reason) or ("error", message)."""
+
+    model: ServedModel
+    prompt: list[int]
+    sampling: SamplingConfig
+    max_tokens: int
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    # The worker's own state, once the job holds a slot.
+    slot: int = -1
+    position: int = 0  # how many positions its slot holds
+    pending: int = 0  # the token to feed at the next step
+    history: list[int] = field(default_factory=list)
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """The client has gone: the worker frees the slot before its next step."""
+        self.cancelled = True
+
+
+class Scheduler:
+    """Admits queued jobs into free slots and steps every active job, on one background thread.
+    At most `queue_size` jobs wait for a slot; one more is refused with 503."""
+
+    def __init__(self, registry: ModelRegistry, queue_size: int = 32):
+        self.registry, self.queue_size = registry, queue_size
+        self._waiting: deque[Job] = deque()
+        self._active: dict[Engine, list[Job]] = {}
+        self._free: dict[Engine, list[int]] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kiln-decode", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if len(self._waiting) >= self.queue_size:
+                raise APIError(
+                    503, f"the server is busy: {len(self._waiting)} requests are waiting already; retry shortly"
+                )
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def stats(self) -> dict:
+        with self._wake:
+            return {"waiting": len(self._waiting), "active": sum(len(jobs) for jobs in self._active.values())}
+
+    def wake(self) -> None:
+        """Look again: a waiting job was cancelled, so its place in the queue can go."""
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not any(self._active.values()):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                admitted = self._admit()
+            for job in admitted:
+                self._guarded(self._prefill, job.model.engine, [job])
+            for engine, jobs in list(self._active.items()):
+                self._release([job for job in jobs if job.cancelled])
+                if jobs:
+                    self._guarded(self._step, engine, jobs)
+
+    def _admit(self) -> list[Job]:
+        """Move waiting jobs (oldest first) into free slots of their engines; drop cancelled ones."""
+        admitted, still_waiting = [], deque()
+        for job in self._waiting:
+            if job.cancelled:
+                continue
+            engine = job.model.engine
+            free = self._free.setdefault(engine, list(range(engine.slots)))
+            if not free:
+                still_waiting.append(job)
+                continue
+            job.slot = free.pop(0)
+            self._active.setdefault(engine, []).append(job)
+            admitted.append(job)
+        self._waiting = still_waiting
+        return admitted
+
+    def _guarded(self, work, engine: Engine, jobs: list[Job]) -> None:
+        """Run `work`; a failure ends just these jobs with an error event, and the server goes on."""
+        try:
+            work(engine, jobs)
+        except Exception as e:  # noqa: BLE001 (whatever failed, the clients hear of it and others go on)
+            for job in jobs:
+                _send(job, ("error", f"generation failed: {type(e).__name__}: {e}"))
+            self._release(jobs)
+
+    def _prefill(self, engine: Engine, jobs: list[Job]) -> None:
+        (job,) = jobs
+        device = engine.cache.k.device
+        seed = job.sampling.seed if job.sampling.seed is not None else secrets.randbits(63)
+        job.generator = torch.Generator(device=device).manual_seed(seed)
+        job.stream = TextStream(job.model.tokenizer, job.stop)
+        job.history = list(job.prompt)
+        with engine.using(job.model.adapter):
+            logits = engine.gpt.decode(torch.tensor([job.prompt], device=device), engine.cache.slot(job.slot))
+        job.position = len(job.prompt)
+        self._choose(job, logits[:, -1])
+
+    def _step(self, engine: Engine, jobs: list[Job]) -> None:
+        """One new token for every job on `engine`: one batched forward per adapter in use."""
+        device = engine.cache.k.device
+        groups: dict[str | None, list[Job]] = {}
+        for job in sorted(jobs, key=lambda j: j.slot):
+            groups.setdefault(job.model.adapter, []).append(job)
+        for adapter, group in groups.items():
+            rows = torch.tensor([job.slot for job in group], device=device)
+            positions = torch.tensor([job.position for job in group], device=device)
+            tokens = torch.tensor([[job.pending] for job in group], device=device)
+            with engine.using(adapter):
+                logits = engine.gpt.decode_rows(tokens, engine.cache, rows, positions)
+            for row, job in enumerate(group):
+                job.position += 1
+                self._choose(job, logits[row : row + 1, -1])
+
+    def _choose(self, job: Job, logits: torch.Tensor) -> None:
+        """Sample the job's next token from its logits [1, V], send the text it completes, and end
+        the job at EOS, a stop string, max_tokens or the end of the context."""
+        sampling, tokenizer = job.sampling, job.model.tokenizer
+        logits = logits[:, : tokenizer.vocab_size]  # an adapter may have grown the shared vocabulary
+        # Only the repetition penalty reads the history; without it, no tensor is built each step.
+        seen = job.history if sampling.repetition_penalty != 1.0 else []
+        history = torch.tensor([seen], dtype=torch.long, device=logits.device)
+        token = int(next_token(process_logits(logits, history, sampling), sampling, job.generator))
+        job.history.append(token)
+        if token == tokenizer.eos_id:
+            return self._finish(job, "stop")
+        job.completion_tokens += 1
+        if piece := job.stream.add(token):
+            _send(job, ("text", piece))
+        if job.stream.stopped:
+            return self._finish(job, "stop")
+        if job.completion_tokens >= job.max_tokens or job.position >= job.model.block_size:
+            return self._finish(job, "length")
+        job.pending = token
+
+    def _finish(self, job: Job, reason: str) -> None:
+        if rest := job.stream.finish():
+            _send(job, ("text", rest))
+        job.finish_reason = reason
+        _send(job, ("end", reason))
+        self._release([job])
+
+    def _release(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            engine = job.model.engine
+            active = self._active.get(engine, [])
+            if job in active:
+                active.remove(job)
+                self._free[engine].append(job.slot)
+                self._free[engine].sort()
+
+
+def _send(job: Job, event: tuple[str, str]) -> None:
+    try:
+        job.loop.call_soon_threadsafe(job.events.put_nowait, event)
+    except RuntimeError:
+        job.cancel()  # the client's event loop is closed: nobody is listening
