@@ -58,6 +58,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.decoded = 0  # tokens generated since the start, for /health
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kiln-decode", daemon=True)
@@ -81,7 +82,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._wake:
-            return {"waiting": len(self._waiting), "active": sum(len(jobs) for jobs in self._active.values())}
+            active = sum(len(jobs) for jobs in self._active.values())
+            return {"waiting": len(self._waiting), "active": active, "decoded_tokens": self.decoded}
 
     def wake(self) -> None:
         """Look again: a waiting job was cancelled, so its place in the queue can go."""
@@ -167,6 +169,7 @@ class Scheduler:
         history = torch.tensor([seen], dtype=torch.long, device=logits.device)
         token = int(next_token(process_logits(logits, history, sampling), sampling, job.generator))
         job.history.append(token)
+        self.decoded += 1
         if token == tokenizer.eos_id:
             return self._finish(job, "stop")
         job.completion_tokens += 1
