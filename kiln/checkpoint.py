@@ -234,6 +234,22 @@ def adapter_base(folder: str | os.PathLike, base: str | os.PathLike | None = Non
     return base
 
 
+def run_name(folder: Path) -> str:
+    """What a checkpoint is called: its run's folder name for RUN/best or RUN/last, else its own name."""
+    folder = folder.resolve()
+    return folder.parent.name if folder.name in ("best", "last") else folder.name
+
+
+def tuned_from(folder: str | os.PathLike) -> Path | None:
+    """The base checkpoint a fine-tuned folder came from (an adapter's base, or the starting point a
+    full fine-tune recorded), or None for a model that was not fine-tuned or whose base has gone."""
+    folder = Path(folder)
+    if is_adapter(folder):
+        return adapter_base(folder)
+    base = (read_info(folder).get("finetune") or {}).get("base")
+    return Path(base) if base and is_checkpoint(base) else None
+
+
 def shape_for_adapter(model: GPT, folder: str | os.PathLike) -> None:
     """Grow `model` (the adapter's base) to the vocabulary and context the adapter was trained with."""
     shape = GPTConfig.from_dict(read_info(folder)["model"])

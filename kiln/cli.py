@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=200)
     ch.add_argument("--repetition-penalty", type=float, default=1.0)
     ch.add_argument("--seed", type=int)
+    ch.add_argument("--compare", action="store_true", help="answer each question twice: the base, then the tuned model")
     _add_device(ch)
 
     sv = commands.add_parser(
@@ -546,9 +547,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (arrow keys and history at the prompt)
     sampling = sampling_settings(args, seed=args.seed)
-    session = ChatSession.from_checkpoint(
-        args.checkpoint, system=args.system, sampling=sampling, device=pick_device(args.device)
-    )
+    device = pick_device(args.device)
+    session = ChatSession.from_checkpoint(args.checkpoint, system=args.system, sampling=sampling, device=device)
+    if args.compare:
+        from kiln.checkpoint import run_name, tuned_from
+        from kiln.generate.chat import CompareSessions
+
+        base = tuned_from(args.checkpoint)
+        if base is None:
+            raise ConfigError(
+                f"{args.checkpoint}: not a fine-tuned model with its base at hand, so there is nothing to compare"
+            )
+        base_session = ChatSession.from_checkpoint(base, system=args.system, sampling=sampling, device=device)
+        names = [run_name(base), run_name(Path(args.checkpoint))]
+        if names[0] == names[1]:
+            names = ["base", "tuned"]
+        session = CompareSessions(dict(zip(names, (base_session, session), strict=True)))
     chat_loop(session, interactive=sys.stdin.isatty())
 
 

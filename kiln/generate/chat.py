@@ -159,6 +159,9 @@ class ChatSession:
         finally:
             self.turns.append(Message("assistant", "".join(pieces)))
 
+    def show_reply(self, text: str, out: Callable[..., None] = print) -> None:
+        show_reply(self, text, out)
+
     def set_system(self, text: str | None) -> None:
         """Set the system message (None or empty: no system message)."""
         if text:
@@ -216,6 +219,36 @@ class ChatSession:
         )
 
 
+class CompareSessions:
+    """`kiln chat --compare`: every question goes to each session in turn (the base first, then the
+    fine-tuned model), each answer under its name; commands apply to all of them."""
+
+    def __init__(self, sessions: dict[str, ChatSession]):
+        self.sessions = sessions
+
+    def show_reply(self, text: str, out: Callable[..., None] = print) -> None:
+        for name, session in self.sessions.items():
+            pieces = session.reply(text)
+            out(f"{name}> ", end="", flush=True)
+            try:
+                for piece in pieces:
+                    out(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                out(" [stopped]")
+                continue
+            finally:
+                pieces.close()
+            out()
+
+    def handle(self, line: str) -> str | None:
+        shown = [session.handle(line) for session in self.sessions.values()]
+        return shown[-1]
+
+    def banner(self) -> str:
+        names = " then ".join(self.sessions)
+        return f"compare: each question is answered by {names}; " + next(iter(self.sessions.values())).banner()
+
+
 def chat_loop(
     session: ChatSession,
     input_fn: Callable[[str], str] = input,
@@ -246,7 +279,7 @@ def chat_loop(
                     return
                 out(shown)
             else:
-                show_reply(session, line, out)
+                session.show_reply(line, out)
         except UnreadableMessage as e:
             out(str(e))  # the conversation goes on, scripted or not
         except KilnError as e:

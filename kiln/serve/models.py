@@ -24,6 +24,7 @@ from kiln.checkpoint import (
     is_checkpoint,
     load_checkpoint,
     read_info,
+    run_name,
     shape_for_adapter,
 )
 from kiln.data.templates import Template, get_template
@@ -97,12 +98,6 @@ class ServedModel:
             "kiln_template": self.template.name,
             "context_length": self.block_size,
         }
-
-
-def run_name(folder: Path) -> str:
-    """What a checkpoint is called: its run's folder name for RUN/best or RUN/last, else its own name."""
-    folder = folder.resolve()
-    return folder.parent.name if folder.name in ("best", "last") else folder.name
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
