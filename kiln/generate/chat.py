@@ -228,17 +228,7 @@ class CompareSessions:
 
     def show_reply(self, text: str, out: Callable[..., None] = print) -> None:
         for name, session in self.sessions.items():
-            pieces = session.reply(text)
-            out(f"{name}> ", end="", flush=True)
-            try:
-                for piece in pieces:
-                    out(piece, end="", flush=True)
-            except KeyboardInterrupt:
-                out(" [stopped]")
-                continue
-            finally:
-                pieces.close()
-            out()
+            show_reply(session, text, out, label=f"{name}> ")
 
     def handle(self, line: str) -> str | None:
         shown = [session.handle(line) for session in self.sessions.values()]
@@ -288,10 +278,11 @@ def chat_loop(
             out(str(e))
 
 
-def show_reply(session: ChatSession, text: str, out: Callable[..., None] = print) -> None:
-    """Stream the answer to `text` through `out`; Ctrl-C stops just this answer, keeping what came."""
+def show_reply(session: ChatSession, text: str, out: Callable[..., None] = print, label: str | None = None) -> None:
+    """Stream the answer to `text` through `out` after `label`; Ctrl-C stops just this answer, keeping
+    what came."""
     pieces = session.reply(text)
-    out("... " if session.is_base_model else "assistant> ", end="", flush=True)
+    out(label or ("... " if session.is_base_model else "assistant> "), end="", flush=True)
     try:
         for piece in pieces:
             out(piece, end="", flush=True)
