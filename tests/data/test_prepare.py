@@ -23,7 +23,7 @@ from kiln.errors import ConfigError, DataError
 
 def test_tiny_shakespeare_char_split_is_nanogpts(shakespeare_prepared, shakespeare_text):
     char = shakespeare_prepared["char"]
-    assert char.meta["splits"]["train"]["tokens"] == 301_966
+    assert char.meta["splits"]["train"]["tokens"] == 1_003_854
     assert char.meta["splits"]["val"]["tokens"] == 111_540
     assert char.meta["tokenizer"]["vocab_size"] == 65
     assert char.dtype == np.uint16
