@@ -87,35 +87,43 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`kiln serve` in its own process on a free localhost port."""
+    """`kiln serve ARGS` in its own process on a free localhost port, on the CPU; what it prints (stdout
+    and stderr) goes to the file `log`, read back with output()."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, log: Path, env: dict | None = None, timeout: float = 120):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "KILN_QUIET": "1", **(env or {})}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kiln", "serve", *args, "--port", str(self.port), "--device", "cpu"],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
+        with open(log, "w") as out:  # a file, not a pipe: a server that prints much never blocks on it
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kiln", "serve", *args, "--port", str(self.port), "--device", "cpu"],
+                env=environment,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"kiln serve exited with {self.process.returncode}: {self.process.stdout.read()}")
+                raise AssertionError(f"kiln serve exited with {self.process.returncode}:\n{self.output()[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.stop()
-        raise AssertionError("kiln serve did not answer /health within 120 s")
+        raise AssertionError(f"kiln serve did not answer /health within {timeout:.0f} s:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        return self.log.read_text(encoding="utf-8", errors="replace")
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
 
     def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
         self.process.terminate()
         try:
             self.process.wait(timeout=20)
@@ -125,12 +133,13 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_server() -> Iterator:
-    """`live_server(*args)` starts `kiln serve ARGS` and returns it; every one is stopped after the test."""
+def live_server(tmp_path) -> Iterator:
+    """`live_server(*args, env=...)` starts `kiln serve ARGS` (its output in serve0.log, serve1.log, ... in
+    the test's tmp_path) and returns it; every one still running is stopped after the test."""
     started: list[LiveServer] = []
 
-    def start(*args: str, env: dict | None = None) -> LiveServer:
-        server = LiveServer(*map(str, args), env=env)
+    def start(*args: str | Path, env: dict | None = None) -> LiveServer:
+        server = LiveServer(*map(str, args), log=tmp_path / f"serve{len(started)}.log", env=env)
         started.append(server)
         return server
 
