@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--db", help="SQLite file for saved conversations (default: chat.db in the run folder)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API call")
     sv.add_argument("--runs", help="a folder of runs to show on the runs page (default: the served run's parent)")
+    sv.add_argument(
+        "--threads", type=int, help="compute threads for decoding (default: one per core, less one for HTTP)"
+    )
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
     sv.add_argument("--queue", type=int, default=32, help="requests that may wait for a slot (default 32)")
     _add_device(sv)
@@ -586,6 +589,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         queue=args.queue,
         device=args.device,
+        threads=args.threads,
     )
 
 

@@ -162,7 +162,10 @@ def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tens
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x[i], x[i + head_dim/2]) of the last dimension by its position's angle:
     x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] as in transformers' Llama."""
-    return _Rope.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if not torch.is_grad_enabled():  # inference: the same kernels without autograd.Function's overhead
+        return _rotate(x, cos, sin)
+    return _Rope.apply(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -216,16 +219,25 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
-            return _RMSNorm.apply(x, self.weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+            if not torch.is_grad_enabled():  # inference: the same arithmetic without autograd.Function's overhead
+                normed, _ = _rms_normed(x, eps)
+                return normed * self.weight
+            return _RMSNorm.apply(x, self.weight, eps)
         return super().forward(x)
+
+
+def _rms_normed(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / rms(x), and 1 / rms(x)."""
+    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+    rstd = mean_square.add_(eps).rsqrt_()
+    return x * rstd, rstd
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
-        rstd = mean_square.add_(eps).rsqrt_()
-        normed = x * rstd
+        normed, rstd = _rms_normed(x, eps)
         ctx.save_for_backward(normed, rstd, weight)
         return normed * weight
 

@@ -228,16 +228,28 @@ async def _events(request: Request, job: Job) -> AsyncIterator[tuple[str, str]]:
     try:
         while True:
             try:
-                kind, value = await asyncio.wait_for(job.events.get(), timeout=1.0)
+                event = (
+                    job.events.get_nowait()
+                    if not job.events.empty()
+                    else await asyncio.wait_for(job.events.get(), timeout=1.0)
+                )
             except TimeoutError:
                 if await request.is_disconnected():
                     return
                 continue
-            if kind == "error":
-                raise APIError(500, value)
-            if kind == "end":
+            # Whatever text has piled up goes out as one piece: a busy server sends fewer, longer
+            # deltas (each chunk costs the same to frame and parse), an idle one a token at a time.
+            text = []
+            while event is not None and event[0] == "text":
+                text.append(event[1])
+                event = job.events.get_nowait() if not job.events.empty() else None
+            if text:
+                yield "text", "".join(text)
+            if event is not None:
+                kind, value = event
+                if kind == "error":
+                    raise APIError(500, value)
                 return
-            yield kind, value
     finally:
         if job.finish_reason is None:
             job.cancel()

@@ -21,15 +21,21 @@ def serve(
     max_batch: int = 8,
     queue: int = 32,
     device: str = "auto",
+    threads: int | None = None,
 ) -> None:
     import uvicorn
 
-    from kiln.device import pick_device
+    from kiln.device import physical_cores, pick_device, set_threads
     from kiln.serve.app import create_app
     from kiln.serve.store import ConversationStore
 
     if max_batch < 1 or queue < 0:
         raise ConfigError("--max-batch must be at least 1 and --queue at least 0")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads} must be at least 1")
+    # One core stays with the HTTP side (and, on a laptop, the clients): a decode step of a small model
+    # is hundreds of tiny kernels that more threads only slow down once the cores are contended.
+    set_threads(threads or max(1, physical_cores() - 1))
     folder = resolve_checkpoint(checkpoint)
     run_dir = folder.parent if folder.name in ("best", "last") else folder
     models = ModelRegistry(pick_device(device), slots=max_batch)

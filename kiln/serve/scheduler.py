@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.generate.sampling import SamplingConfig, TextStream, next_token, process_logits
+from kiln.generate.sampling import SamplingConfig, TextStream, process_logits
 from kiln.serve.auth import APIError
 from kiln.serve.models import Engine, ModelRegistry, ServedModel
 
@@ -59,6 +59,7 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.decoded = 0  # tokens generated since the start, for /health
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple[str, str]]]] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kiln-decode", daemon=True)
@@ -100,10 +101,12 @@ class Scheduler:
                 admitted = self._admit()
             for job in admitted:
                 self._guarded(self._prefill, job.model.engine, [job])
+                self._flush()  # its first token now, not after the others' step
             for engine, jobs in list(self._active.items()):
                 self._release([job for job in jobs if job.cancelled])
                 if jobs:
                     self._guarded(self._step, engine, jobs)
+            self._flush()
 
     def _admit(self) -> list[Job]:
         """Move waiting jobs (oldest first) into free slots of their engines; drop cancelled ones."""
@@ -128,7 +131,7 @@ class Scheduler:
             work(engine, jobs)
         except Exception as e:  # noqa: BLE001 (whatever failed, the clients hear of it and others go on)
             for job in jobs:
-                _send(job, ("error", f"generation failed: {type(e).__name__}: {e}"))
+                self._send(job, ("error", f"generation failed: {type(e).__name__}: {e}"))
             self._release(jobs)
 
     def _prefill(self, engine: Engine, jobs: list[Job]) -> None:
@@ -141,7 +144,7 @@ class Scheduler:
         with engine.using(job.model.adapter):
             logits = engine.gpt.decode(torch.tensor([job.prompt], device=device), engine.cache.slot(job.slot))
         job.position = len(job.prompt)
-        self._choose(job, logits[:, -1])
+        self._choose([job], logits[:, -1])
 
     def _step(self, engine: Engine, jobs: list[Job]) -> None:
         """One new token for every job on `engine`: one batched forward per adapter in use."""
@@ -155,26 +158,50 @@ class Scheduler:
             tokens = torch.tensor([[job.pending] for job in group], device=device)
             with engine.using(adapter):
                 logits = engine.gpt.decode_rows(tokens, engine.cache, rows, positions)
-            for row, job in enumerate(group):
+            for job in group:
                 job.position += 1
-                self._choose(job, logits[row : row + 1, -1])
+            self._choose(group, logits[:, -1])
 
-    def _choose(self, job: Job, logits: torch.Tensor) -> None:
-        """Sample the job's next token from its logits [1, V], send the text it completes, and end
-        the job at EOS, a stop string, max_tokens or the end of the context."""
-        sampling, tokenizer = job.sampling, job.model.tokenizer
-        logits = logits[:, : tokenizer.vocab_size]  # an adapter may have grown the shared vocabulary
-        # Only the repetition penalty reads the history; without it, no tensor is built each step.
-        seen = job.history if sampling.repetition_penalty != 1.0 else []
-        history = torch.tensor([seen], dtype=torch.long, device=logits.device)
-        token = int(next_token(process_logits(logits, history, sampling), sampling, job.generator))
+    def _choose(self, jobs: list[Job], logits: torch.Tensor) -> None:
+        """Sample each job's next token from its row of logits [B, V]. Jobs that sample alike share one
+        pass over their rows (the per-token cost that grows with the batch); each draw still uses its
+        own job's generator, so a seed gives the same text whoever else is being served."""
+        alike: dict[tuple, list[int]] = {}
+        for row, job in enumerate(jobs):
+            s = job.sampling
+            # Only the repetition penalty reads a job's own history, so such a job is sampled alone.
+            own = row if s.repetition_penalty != 1.0 else None
+            key = (s.temperature, s.top_k, s.top_p, s.repetition_penalty, job.model.tokenizer.vocab_size, own)
+            alike.setdefault(key, []).append(row)
+        tokens: dict[int, int] = {}
+        for rows in alike.values():
+            first = jobs[rows[0]]
+            sampling = first.sampling
+            # Only this model's vocabulary: an adapter may have grown the vocabulary the engine shares.
+            group_logits = logits[rows, : first.model.tokenizer.vocab_size]
+            seen = first.history if sampling.repetition_penalty != 1.0 else []
+            history = torch.tensor([seen], dtype=torch.long, device=logits.device)
+            scores = process_logits(group_logits, history, sampling)
+            if sampling.temperature == 0:
+                tokens.update(zip(rows, scores.argmax(dim=-1).tolist(), strict=True))
+                continue
+            probs = scores.softmax(dim=-1)
+            for i, row in enumerate(rows):
+                tokens[row] = int(torch.multinomial(probs[i], 1, generator=jobs[row].generator))
+        for row, job in enumerate(jobs):
+            self._advance(job, tokens[row])
+
+    def _advance(self, job: Job, token: int) -> None:
+        """Take the job's new token: send the text it completes, and end the job at EOS, a stop string,
+        max_tokens or the end of the context."""
+        tokenizer = job.model.tokenizer
         job.history.append(token)
         self.decoded += 1
         if token == tokenizer.eos_id:
             return self._finish(job, "stop")
         job.completion_tokens += 1
         if piece := job.stream.add(token):
-            _send(job, ("text", piece))
+            self._send(job, ("text", piece))
         if job.stream.stopped:
             return self._finish(job, "stop")
         if job.completion_tokens >= job.max_tokens or job.position >= job.model.block_size:
@@ -183,10 +210,23 @@ class Scheduler:
 
     def _finish(self, job: Job, reason: str) -> None:
         if rest := job.stream.finish():
-            _send(job, ("text", rest))
+            self._send(job, ("text", rest))
         job.finish_reason = reason
-        _send(job, ("end", reason))
+        self._send(job, ("end", reason))
         self._release([job])
+
+    def _send(self, job: Job, event: tuple[str, str]) -> None:
+        self._outbox.setdefault(job.loop, []).append((job, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to the clients' event loops, one wake-up per loop rather than per token."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, events in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                for job, _ in events:
+                    job.cancel()
 
     def _release(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -198,8 +238,6 @@ class Scheduler:
                 self._free[engine].sort()
 
 
-def _send(job: Job, event: tuple[str, str]) -> None:
-    try:
-        job.loop.call_soon_threadsafe(job.events.put_nowait, event)
-    except RuntimeError:
-        job.cancel()  # the client's event loop is closed: nobody is listening
+def _deliver(events: list[tuple[Job, tuple[str, str]]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)

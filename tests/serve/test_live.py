@@ -106,3 +106,45 @@ def test_a_full_queue_answers_503(live_server, long_checkpoint):
     assert "busy" in refused.value.response.json()["error"]["message"]
     for reader in readers:
         reader.join()
+
+
+def test_requests_decoded_together_get_the_text_each_gets_alone(live_server, long_checkpoint):
+    """Six streamed requests at once, sampling six ways (greedy, seeded draws with top-k, top-p and a
+    repetition penalty): each one's text, however its deltas were grouped, equals its text served alone."""
+    server = live_server(long_checkpoint, "--max-batch", "8")
+    ai = client(server)
+    settings = [
+        {"temperature": 0},
+        {"temperature": 0, "prompt": "bb"},
+        {"temperature": 1.0, "seed": 1},
+        {"temperature": 1.0, "seed": 2},
+        {"temperature": 0.8, "seed": 3, "top_k": 5},
+        {"temperature": 1.2, "seed": 4, "top_p": 0.9, "repetition_penalty": 1.3},
+    ]
+
+    def complete(setting: dict, stream: bool) -> tuple[str, int]:
+        setting = dict(setting)
+        extra = {k: setting.pop(k) for k in ("top_k", "repetition_penalty") if k in setting}
+        prompt = setting.pop("prompt", "a")
+        reply = ai.completions.create(
+            model="long", prompt=prompt, max_tokens=120, stream=stream, extra_body=extra, **setting
+        )
+        if not stream:
+            return reply.choices[0].text, 1
+        pieces = [chunk.choices[0].text for chunk in reply if chunk.choices and chunk.choices[0].text]
+        return "".join(pieces), len(pieces)
+
+    alone = [complete(setting, stream=False)[0] for setting in settings]
+    together: list = [None] * len(settings)
+
+    def run(i: int) -> None:
+        together[i] = complete(settings[i], stream=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(settings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [text for text, _ in together] == alone
+    assert all(len(text) == 120 for text in alone)
+    assert len(set(alone[2:])) == 4  # the draws really differ, so a mix-up of generators would show
