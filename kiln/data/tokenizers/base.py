@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,32 @@ from kiln.errors import TokenizerError
 
 META_FILE = "kiln_tokenizer.json"
 EOS = "<|endoftext|>"
+NOT_IN_VOCABULARY = "is not in the char vocabulary; rebuild the vocabulary on this text, or use --unk"
+SURROGATE = (
+    "is half of a UTF-16 surrogate pair, not a character (a \\uD800-style escape without its other half?); "
+    "remove it or write the whole character"
+)
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class UnknownCharacter(TokenizerError):
+    """Text holds a character the tokenizer cannot read: one a char vocabulary lacks, or a lone surrogate."""
+
+    def __init__(self, char: str, position: int, why: str = NOT_IN_VOCABULARY):
+        super().__init__(f"character {char!r} (U+{ord(char):04X}) at position {position:,} {why}")
+        self.char, self.position = char, position
+
+
+def refuse_surrogates(text: str) -> str:
+    """`text`, or an UnknownCharacter for its first lone surrogate: UTF-8 cannot hold one, so no byte-level
+    tokenizer could give it back (tiktoken would write U+FFFD, HF tokenizers raise a bare TypeError)."""
+    if not text.isascii() and (found := _SURROGATES.search(text)):
+        raise UnknownCharacter(found.group(), found.start(), SURROGATE)
+    return text
+
+
+def outside_vocabulary(kind: str, vocab_size: int) -> TokenizerError:
+    return TokenizerError(f"an id is outside this {kind} vocabulary of {vocab_size} tokens")
 
 
 class Tokenizer(ABC):

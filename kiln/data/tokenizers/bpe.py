@@ -11,7 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from kiln.data.chunking import safe_chunks
-from kiln.data.tokenizers.base import EOS, Tokenizer
+from kiln.data.tokenizers.base import EOS, Tokenizer, outside_vocabulary, refuse_surrogates
 from kiln.errors import TokenizerError
 
 PAD = "<|pad|>"
@@ -62,10 +62,10 @@ class BPETokenizer(Tokenizer):
         return {token.content: i for i, token in self.hf.get_added_tokens_decoder().items() if token.special}
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self.hf.encode(refuse_surrogates(text), add_special_tokens=False).ids
 
     def encode_plain(self, text: str) -> list[int]:
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._plain.encode(refuse_surrogates(text), add_special_tokens=False).ids
 
     @functools.cached_property
     def _plain(self) -> HFTokenizer:
@@ -83,21 +83,25 @@ class BPETokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch runs on every core (Rust threads).
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        texts = [refuse_surrogates(t) for t in texts]
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         # An HF Encoding keeps offsets and strings per token (~140 bytes each), so a corpus batch is
         # encoded one text at a time, cut at safe seams into small pieces that run on every core.
         arrays = []
         for text in texts:
-            pieces = list(safe_chunks([text], CORPUS_PIECE_CHARS))
+            pieces = list(safe_chunks([refuse_surrogates(text)], CORPUS_PIECE_CHARS))
             encodings = self.hf.encode_batch_fast(pieces, add_special_tokens=False)
             ids = [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
             arrays.append(np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32))
         return arrays
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+        try:
+            return self.hf.decode(list(ids), skip_special_tokens=False)
+        except OverflowError:  # a negative id, or one past 2**32
+            raise outside_vocabulary(self.kind, self.vocab_size) from None
 
     def _identity(self) -> bytes:
         return self.hf.to_str().encode()

@@ -9,22 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.data.tokenizers.base import Tokenizer
+from kiln.data.tokenizers.base import Tokenizer, UnknownCharacter, outside_vocabulary
 from kiln.errors import TokenizerError
 
 UNK = "<unk>"
 Added = tuple[str, bool]  # (text, is_special)
-
-
-class UnknownCharacter(TokenizerError):
-    """Text holds a character the char vocabulary lacks."""
-
-    def __init__(self, char: str, position: int):
-        super().__init__(
-            f"character {char!r} (U+{ord(char):04X}) at position {position:,} is not in the char vocabulary; "
-            "rebuild the vocabulary on this text, or use --unk"
-        )
-        self.char, self.position = char, position
 
 
 class CharTokenizer(Tokenizer):
@@ -118,7 +107,7 @@ class CharTokenizer(Tokenizer):
         try:
             return "".join(self._names.get(i) or self._pieces[i] for i in ids)
         except KeyError:
-            raise TokenizerError(f"an id is outside this char vocabulary of {self.vocab_size} tokens") from None
+            raise outside_vocabulary(self.kind, self.vocab_size) from None
 
     def _identity(self) -> bytes:
         identity = [self.chars, self._specials] + ([self.added] if self.added else [])

@@ -15,7 +15,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from kiln.data.fetch import resolve_dataset
 from kiln.data.registry import get_dataset
-from kiln.data.tokenizers.base import EOS, Tokenizer
+from kiln.data.tokenizers.base import EOS, Tokenizer, outside_vocabulary, refuse_surrogates
 from kiln.errors import TokenizerError
 
 # GPT-2's pre-tokenizer pattern, as tiktoken writes it (same splits as the 2019 release).
@@ -74,25 +74,32 @@ class GPT2Tokenizer(Tokenizer):
         return {EOS: self._enc.eot_token} | {name: 50257 + i for i, name in enumerate(self.added)}
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode(refuse_surrogates(text), allowed_special="all")
 
     def encode_plain(self, text: str) -> list[int]:
-        return self._enc.encode_ordinary(text)
+        return self._enc.encode_ordinary(refuse_surrogates(text))
 
     def with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> GPT2Tokenizer:
         new = tuple(s for s in specials if s not in self.special_tokens)
         return GPT2Tokenizer(self.encoder_json, self.vocab_bpe, self.added + new) if new else self
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._enc.encode_batch(list(texts), allowed_special="all", num_threads=os.cpu_count() or 1)
+        texts = [refuse_surrogates(t) for t in texts]
+        return self._enc.encode_batch(texts, allowed_special="all", num_threads=os.cpu_count() or 1)
 
     def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         # tiktoken releases the GIL while it encodes, so threads use every core.
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            return list(pool.map(lambda t: self._enc.encode_to_numpy(t, allowed_special="all"), texts))
+            return list(pool.map(self._encode_to_numpy, texts))
+
+    def _encode_to_numpy(self, text: str) -> np.ndarray:
+        return self._enc.encode_to_numpy(refuse_surrogates(text), allowed_special="all")
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._enc.decode(list(ids))
+        try:
+            return self._enc.decode(list(ids))
+        except (KeyError, OverflowError):
+            raise outside_vocabulary(self.kind, self.vocab_size) from None
 
     def _identity(self) -> bytes:
         files = get_dataset("gpt2-tokenizer").files
