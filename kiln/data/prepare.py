@@ -77,22 +77,37 @@ def _pieces(corpus: Corpus, split_at: int | None, default_split: str) -> Iterato
 
 
 class _SplitWriter:
-    """Appends token arrays to one split's .bin file; puts EOS between documents."""
+    """Appends token arrays to one split's .bin file; puts EOS between documents.
+
+    `follows` is the split this one continues (val after train, cut from one corpus): when the cut falls
+    between two documents, the EOS between them ends train and also opens val, so neither split loses
+    the boundary.
+    """
 
     def __init__(self, file, dtype: type, eos_id: int | None):
         self.file = file
         self.dtype, self.eos_id = dtype, eos_id
         self.tokens = self.chars = self.documents = 0
+        self.follows: _SplitWriter | None = None
 
     def write(self, ids: np.ndarray, chars: int, starts_document: bool) -> None:
-        if starts_document:
-            if self.documents and self.eos_id is not None:
-                np.array([self.eos_id], dtype=self.dtype).tofile(self.file)
-                self.tokens += 1
+        if starts_document and self.documents:
+            self.write_eos()
+        elif starts_document and self.follows is not None and self.follows.documents:
+            self.follows.write_eos()
+            self.write_eos()
+        # A split's first piece counts as a document even when it continues one cut in two, so the
+        # next document still gets its EOS.
+        if starts_document or not self.documents:
             self.documents += 1
         ids.astype(self.dtype, copy=False).tofile(self.file)
         self.tokens += len(ids)
         self.chars += chars
+
+    def write_eos(self) -> None:
+        if self.eos_id is not None:
+            np.array([self.eos_id], dtype=self.dtype).tofile(self.file)
+            self.tokens += 1
 
     def summary(self) -> dict:
         return {"tokens": self.tokens, "chars": self.chars, "documents": self.documents}
@@ -176,6 +191,7 @@ def prepare_corpus(
             }
             for role, corpus in corpora.items():
                 split_at = int(stats[role].chars * (1 - val_fraction)) if role == "all" else None
+                writers["val"].follows = writers["train"] if role == "all" else None
                 _encode_into(_pieces(corpus, split_at, role), tokenizer, writers, advance)
         splits = {split: w.summary() for split, w in writers.items()}
         if splits["train"]["tokens"] == 0:

@@ -71,6 +71,25 @@ def test_documents_are_separated_by_eos(tmp_path, mirror):
     assert char.tokenizer.decode(char.tokens("train").tolist()).count("<|endoftext|>") == 2
 
 
+@pytest.mark.parametrize(
+    ("val_fraction", "train", "val", "val_documents"),
+    [
+        # 31 characters: the cut at 21 falls inside the second story, so val opens mid-document
+        (0.3, "First story.<|endoftext|>Second st", "ory.<|endoftext|>Third.", 2),
+        # the cut at 25 falls between the second and third stories: the EOS ends train and opens val
+        (0.19, "First story.<|endoftext|>Second story.<|endoftext|>", "<|endoftext|>Third.", 1),
+    ],
+)
+def test_the_val_split_keeps_the_eos_between_documents(tmp_path, val_fraction, train, val, val_documents):
+    (tmp_path / "docs").mkdir()
+    for name, text in [("1.txt", "First story."), ("2.txt", "Second story."), ("3.txt", "Third.")]:
+        (tmp_path / "docs" / name).write_text(text)
+    prepared = prepare_corpus(open_corpus(tmp_path / "docs"), "char", tmp_path / "out", val_fraction=val_fraction)
+    decode = prepared.tokenizer.decode
+    assert (decode(prepared.tokens("train").tolist()), decode(prepared.tokens("val").tolist())) == (train, val)
+    assert prepared.meta["splits"]["val"]["documents"] == val_documents
+
+
 def test_data_sets_with_their_own_validation_file_use_it(tmp_path, mirror):
     prepared = prepare_corpus(open_corpus("wikitext-2", mirror), "char", tmp_path / "wt2")
     assert prepared.meta["splits"]["train"]["chars"] == len((mirror / "wikitext-2/train.txt").read_text())
