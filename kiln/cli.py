@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--finetune-time", default="2m", help="how long to fine-tune with LoRA afterwards (default 2m; 0 skips it)"
     )
+    demo.add_argument(
+        "--run-name", help="the model's folder under --out (default: the preset and the time, e.g. shakespeare-cpu-...)"
+    )
     return parser
 
 
@@ -670,7 +673,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from kiln.demo import run_demo
     from kiln.train.run import parse_duration
 
-    run_demo(Path(args.out), args.data_dir, parse_duration(args.time), parse_duration(args.finetune_time))
+    if args.run_name is not None and (not args.run_name.strip() or Path(args.run_name).name != args.run_name):
+        raise ConfigError(f"--run-name {args.run_name!r}: give a folder name, without slashes")
+    run_demo(
+        Path(args.out),
+        args.data_dir,
+        parse_duration(args.time),
+        parse_duration(args.finetune_time),
+        run_name=args.run_name,
+    )
 
 
 COMMANDS = {

@@ -41,8 +41,14 @@ CHAT_SCRIPT = (
 
 
 def run_demo(
-    out: Path, data_dir: str | os.PathLike | None = None, seconds: float = 180.0, finetune_seconds: float = 120.0
+    out: Path,
+    data_dir: str | os.PathLike | None = None,
+    seconds: float = 180.0,
+    finetune_seconds: float = 120.0,
+    run_name: str | None = None,
 ) -> None:
+    """The main job, in three stages. The model goes to OUT/RUN_NAME (by default the preset and the
+    time, so each demo keeps its own run)."""
     console = Console()
     console.rule("[bold]Kiln demo 1/3: from raw text to token files")
     try:
@@ -95,7 +101,7 @@ def run_demo(
         return
 
     console.rule(f"[bold]Kiln demo 2/3: train {DEMO_PRESET} on {corpus_name} for {format_duration(seconds)}")
-    run_dir = out / f"{DEMO_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = out / (run_name or f"{DEMO_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}")
     best = train_and_report(prepared_char, DEMO_PRESET, {}, {"max_time": seconds}, run_dir)
     checkpoint = load_checkpoint(best)
     for number, prompt in enumerate(DEMO_PROMPTS):

@@ -111,11 +111,11 @@ def service_shell(name: str, data: Path) -> str:
 
 @pytest.fixture
 def fake_kiln(tmp_path) -> Path:
-    """A `kiln` on PATH that records its arguments and makes the --out folder it is given."""
+    """A `kiln` on PATH that records its arguments and, for `demo`, makes the OUT/RUN_NAME folder it is given."""
     calls = tmp_path / "calls"
     script = tmp_path / "bin" / "kiln"
     script.parent.mkdir()
-    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" = demo ] && mkdir -p "$3"\nexit 0\n')
+    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" = demo ] && mkdir -p "$3/$5"\nexit 0\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return calls
 
@@ -127,31 +127,40 @@ def run_service(name: str, data: Path, fake_kiln: Path, **env: str) -> list[str]
     return fake_kiln.read_text().splitlines() if fake_kiln.exists() else []
 
 
-def make_run(data: Path, stamp: str, lora: bool) -> Path:
-    run = data / "demo" / f"shakespeare-cpu-{stamp}"
+def make_run(data: Path, lora: bool) -> Path:
+    run = data / "demo" / "chatbot"
     (run / "best").mkdir(parents=True)
     if lora:
         (run / "lora" / "best").mkdir(parents=True)
     return run
 
 
+TRAIN_CALL = "demo --out {data}/demo --run-name chatbot --time 3m --finetune-time 2m"
+
+
 def test_train_runs_the_demo_once(tmp_path, fake_kiln):
     data = tmp_path / "data"
-    assert run_service("train", data, fake_kiln) == [f"demo --out {data}/demo --time 3m --finetune-time 2m"]
-    assert run_service("train", data, fake_kiln) == [f"demo --out {data}/demo --time 3m --finetune-time 2m"]
+    assert run_service("train", data, fake_kiln) == [TRAIN_CALL.format(data=data)]
+    assert run_service("train", data, fake_kiln) == [TRAIN_CALL.format(data=data)]  # done: not again
 
 
-def test_serve_picks_the_newest_runs_lora_chatbot(tmp_path, fake_kiln):
+def test_train_clears_a_run_cut_short_and_trains_it_again(tmp_path, fake_kiln):
     data = tmp_path / "data"
-    make_run(data, "20260101-090000", lora=True)
-    newest = make_run(data, "20260102-090000", lora=True)
+    leftover = make_run(data, lora=False) / "last"
+    leftover.mkdir()  # a demo killed before it finished: no marker
+    assert run_service("train", data, fake_kiln) == [TRAIN_CALL.format(data=data)]
+    assert not leftover.exists()
+
+
+def test_serve_picks_the_demos_lora_chatbot(tmp_path, fake_kiln):
+    data = tmp_path / "data"
+    run = make_run(data, lora=True)
     (calls,) = run_service("serve", data, fake_kiln)
-    assert calls == f"serve {newest}/lora --host 0.0.0.0 --port 8000 --db {data}/chat.db"
+    assert calls == f"serve {run}/lora --host 0.0.0.0 --port 8000 --db {data}/chat.db"
 
 
 def test_serve_falls_back_to_the_base_model_and_passes_the_api_key(tmp_path, fake_kiln):
     data = tmp_path / "data"
-    make_run(data, "20260101-090000", lora=True)
-    newest = make_run(data, "20260102-090000", lora=False)
+    run = make_run(data, lora=False)
     (calls,) = run_service("serve", data, fake_kiln, KILN_API_KEY="s3cret")
-    assert calls == f"serve {newest}/best --host 0.0.0.0 --port 8000 --db {data}/chat.db --api-key s3cret"
+    assert calls == f"serve {run}/best --host 0.0.0.0 --port 8000 --db {data}/chat.db --api-key s3cret"
