@@ -151,11 +151,15 @@ class ModelRegistry:
         return main
 
     def add_checkpoint(self, model_id: str, folder: str | Path) -> str:
-        """Load one more checkpoint (a run's best/, from the runs page) under `model_id`; a name that is
-        served already is left as it is."""
+        """Load one more checkpoint (a run's best/, from the runs page) under `model_id`, and answer the id
+        to use: a name that is served already is left as it is, and a folder that is served already
+        (the one `kiln serve` started with, say) answers its own id instead of a second copy."""
         with self._lock:
             if model_id not in self.models:
                 folder = resolve_checkpoint(folder)
+                for served in self.models.values():
+                    if served.folder.resolve() == folder.resolve():
+                        return served.id
                 if is_adapter(folder):
                     checkpoint = load_checkpoint(folder, self.device)  # on its own base, merged
                     self._add_full(model_id, "tuned", folder, checkpoint.model, checkpoint.tokenizer, checkpoint.info)

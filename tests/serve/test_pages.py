@@ -330,3 +330,18 @@ def test_a_checkpoint_the_registry_cannot_load_is_400_with_its_reason(store, run
     app.state.models = RecordingModels(fails=True)
     answer = TestClient(app).post("/api/runs/verdict/chat")
     assert answer.status_code == 400 and "not a Kiln checkpoint" in answer.json()["error"]["message"]
+
+
+def test_chat_with_the_run_already_served_answers_its_id_without_a_second_copy(store, runs_dir):
+    from kiln.serve.models import ModelRegistry
+
+    models = ModelRegistry("cpu", slots=1)
+    models.load(runs_dir / "verdict")  # as `kiln serve runs/verdict` does: its best/
+    (served,) = [m["id"] for m in models.listing()]
+    app = page_app(store, runs_dir)
+    app.state.models = models
+    client = TestClient(app)
+    assert client.post("/api/runs/verdict/chat").json() == {"model": served}
+    assert [m["id"] for m in models.listing()] == [served]
+    assert client.post("/api/runs/verdict/chat", json={"checkpoint": "last"}).json() == {"model": "verdict/last"}
+    assert sorted(m["id"] for m in models.listing()) == sorted([served, "verdict/last"])
