@@ -8,8 +8,10 @@ not fit is a DataError naming the file and line.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 
 from kiln.data.fetch import resolve_dataset
 from kiln.data.registry import DATASETS, get_dataset
+from kiln.data.tokenizers.base import UnknownCharacter, refuse_surrogates
 from kiln.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -93,7 +96,15 @@ def _text(record: dict, key: str, where: str, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: '{key}' should be text, not {type(value).__name__}")
-    return value
+    return _readable(value, where, f"'{key}'")
+
+
+def _readable(text: str, where: str, field: str) -> str:
+    """`text`, or a DataError for a lone surrogate (a JSON "\\ud800" escape alone), which no tokenizer reads."""
+    try:
+        return refuse_surrogates(text)
+    except UnknownCharacter as e:
+        raise DataError(f"{where}: {field} holds {e}") from None
 
 
 def to_conversation(record: dict, fmt: Format, where: str) -> Conversation:
@@ -120,12 +131,13 @@ def _chat_conversation(record: dict, where: str) -> Conversation:
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise DataError(f"{where}: message {number} needs 'role' and 'content'")
         if turn["role"] not in ROLES:
-            raise DataError(f"{where}: message {number} has role {turn['role']!r}; use one of {', '.join(ROLES)}")
+            role = reprlib.repr(turn["role"])  # a role of nested junk stays short
+            raise DataError(f"{where}: message {number} has role {role}; use one of {', '.join(ROLES)}")
         if turn["role"] == "system" and number != 1:
             raise DataError(f"{where}: message {number} is a system message; only the first may be one")
         if not isinstance(turn["content"], str):
             raise DataError(f"{where}: message {number}'s content should be text")
-        messages.append(Message(turn["role"], turn["content"]))
+        messages.append(Message(turn["role"], _readable(turn["content"], where, f"message {number}'s content")))
     if messages[-1].role != "assistant" or not messages[-1].content.strip():
         raise DataError(f"{where}: the last message should be the assistant's (non-empty) response")
     if not any(m.role == "user" for m in messages):
@@ -173,24 +185,38 @@ class InstructionData:
 
 
 def _records(path: Path) -> Iterator[tuple[object, str]]:
-    """(record, 'file:line') for a JSON array file or a JSONL file."""
-    text = path.read_text(encoding="utf-8-sig")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        for number, record in enumerate(records, 1):
+    """(record, 'file:line') for a JSON array file or a JSONL file (UTF-8, a BOM dropped)."""
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not UTF-8 at byte {bom + e.start:,}; instruction records are UTF-8 JSON or JSONL, so convert "
+            "it to UTF-8 (or a CSV or parquet table to JSONL)"
+        ) from None
+    if text.lstrip().startswith("["):
+        for number, record in enumerate(_parse_json(text, str(path), line=False), 1):
             yield record, f"{path} record {number}"
         return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line), f"{path}:{number}"
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); each line should be one JSON object") from None
+    # Only "\n" ends a line: JSON strings may hold U+2028, U+0085 and the like raw, which splitlines() cuts at.
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            where = f"{path}:{number}"
+            yield _parse_json(line, where, line=True), where
+
+
+def _parse_json(text: str, where: str, line: bool) -> object:
+    """One JSON value; with `line`, `text` is the JSONL line that `where` names."""
+    advice = "; each line should be one JSON object" if line else ""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = "" if line else f":{e.lineno}"
+        raise DataError(f"{where}{at}: not valid JSON ({e.msg}){advice}") from None
+    except (ValueError, RecursionError) as e:  # an integer past 4,300 digits; nesting past the stack
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        raise DataError(f"{where}: cannot read this JSON ({why}){advice}") from None
 
 
 def instruction_file(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
