@@ -1,8 +1,14 @@
-"""Shared fixtures: the real data mirror (../shared/data or $KILN_DATA_DIR) and an isolated user cache."""
+"""Shared fixtures: the real data mirror (../shared/data or $KILN_DATA_DIR), an isolated user cache, and the
+kill-and-resume loop of the kill tests."""
 
 from __future__ import annotations
 
 import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,3 +85,51 @@ def shakespeare_prepared(mirror, tmp_path_factory):
         tok: prepare_corpus(open_corpus("tinyshakespeare", mirror), tok, out / tok, data_dir=mirror)
         for tok in ("char", "gpt2")
     }
+
+
+def kill_and_resume(
+    command: Callable[[bool], list[str]], out: Path, kills: int, seed: int = 1, folders: tuple = ("last", "best")
+) -> None:
+    """Run `command(resume)` (a `kiln` subprocess writing the run folder `out`) until it finishes, SIGKILLing it
+    `kills` times at seeded random moments and starting it again with resume=True each time. Each kill falls
+    soon after the run logs an evaluation: while it writes `folders`, or in the steps after. Going by the run's
+    progress, not the clock, keeps it from finishing early on a busy machine. After every run, each of
+    `folders` must be what the next start finds it: sound, or not there at all."""
+    from kiln.atomic import recover_dir
+    from kiln.checkpoint import resumable_step
+
+    env, chance, done = {**os.environ, "KILN_QUIET": "1"}, random.Random(seed), 0
+    while True:
+        resume = any((out / name).exists() or (out / f".{name}.old").exists() for name in folders)
+        run = subprocess.Popen(command(resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done < kills:
+            seen, deadline = logged(out), time.time() + 120
+            while run.poll() is None and logged(out) <= seen and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(chance.uniform(0, 0.05))
+            if run.poll() is None:
+                run.send_signal(signal.SIGKILL)
+                done += 1
+        _, err = run.communicate(timeout=300)
+        for name in folders:
+            recover_dir(out / name)
+            assert not (out / name).exists() or resumable_step(out / name) is not None, f"{name} corrupt"
+        if run.returncode == 0:
+            break
+        assert run.returncode == -signal.SIGKILL, err.decode()
+    assert done == kills, f"the run finished after {done} of {kills} kills"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def logged(out: Path) -> int:
+    """How many evaluations the run in `out` has logged so far."""
+    try:
+        return len((out / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+@pytest.fixture(name="kill_and_resume")
+def kill_and_resume_fixture() -> Callable:
+    """The kill tests' loop (`kill_and_resume`), for training and fine-tuning alike."""
+    return kill_and_resume

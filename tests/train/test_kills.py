@@ -4,9 +4,7 @@ dropout (so the RNG matters) and accumulation, for AdamW and Muon; no checkpoint
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.atomic import recover_dir
 from kiln.checkpoint import load_checkpoint, resumable_step
+from kiln.train.metrics import read_metrics
 
 KILLS_PER_OPTIMIZER = 10
 SAME = ("step", "train_loss", "val_loss", "step_loss", "lr", "tokens")  # all but the clock's fields
@@ -31,53 +29,24 @@ def command(out: Path, optimizer: str, resume: bool, iters: int = 300) -> list[s
     return args + (["--resume"] if resume else [])
 
 
-def logged(out: Path) -> int:
-    try:
-        return len((out / "metrics.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
-
-
 def records(out: Path) -> list[dict]:
-    return [{k: r[k] for k in SAME} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    return [{k: r[k] for k in SAME} for r in read_metrics(out)]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_killed_at_random_and_resumed_ends_bit_for_bit_where_a_straight_run_does(tmp_path, mirror, optimizer):
+def test_killed_at_random_and_resumed_ends_bit_for_bit_where_a_straight_run_does(
+    tmp_path, mirror, kill_and_resume, optimizer
+):
     env = {**os.environ, "KILN_QUIET": "1"}
     straight = subprocess.run(command(tmp_path / "straight", optimizer, False), env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
-
-    out, chance, kills = tmp_path / "killed", random.Random(1), 0
-    while True:
-        resume = (out / "last").exists() or (out / ".last.old").exists()
-        run = subprocess.Popen(
-            command(out, optimizer, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        if kills < KILLS_PER_OPTIMIZER:
-            # Kill soon after the run logs an evaluation: while it writes last/ and best/, or in the steps
-            # after. Going by its progress, not the clock, keeps it from finishing early on a busy machine.
-            seen, deadline = logged(out), time.time() + 120
-            while run.poll() is None and logged(out) <= seen and time.time() < deadline:
-                time.sleep(0.005)
-            time.sleep(chance.uniform(0, 0.05))
-            if run.poll() is None:
-                run.send_signal(signal.SIGKILL)
-                kills += 1
-        _, err = run.communicate(timeout=300)
-        for name in ("last", "best"):  # what the next start would see: sound, or not there at all
-            recover_dir(out / name)
-            assert not (out / name).exists() or resumable_step(out / name) is not None, f"{name} corrupt"
-        if run.returncode == 0:
-            break
-        assert run.returncode == -signal.SIGKILL, err.decode()
-    assert kills == KILLS_PER_OPTIMIZER
+    out = tmp_path / "killed"
+    kill_and_resume(lambda resume: command(out, optimizer, resume), out, KILLS_PER_OPTIMIZER)
     assert records(out) == records(tmp_path / "straight")
     for folder in ("last", "best"):
         a = load_checkpoint(out / folder).model.state_dict()
         b = load_checkpoint(tmp_path / "straight" / folder).model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), folder
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
 @pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
