@@ -1,20 +1,27 @@
 """What to evaluate on: whether DATA is instruction records or running text, and which part of it.
 
-Splits match training's: running text keeps its own val file when the data set ships one, else its last
-10% of characters, cut as `kiln prepare` cuts it; instruction data is split as `kiln finetune` splits it.
+Splits match training's. Running text that was prepared (DATA is a `kiln prepare` folder, or the text of
+one the checkpoint trained on or the user cache holds) is scored on that folder's own split, the very
+tokens training held out; other text keeps its own val file when the data set ships one, else its last
+10% of characters, cut as `kiln prepare` cuts it. Instruction data is split as `kiln finetune` splits it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from kiln.data.corpus import Corpus, ReadOptions, open_corpus
+from kiln.data.fetch import cache_dir
 from kiln.data.instructions import Conversation, InstructionData, detect_format
 from kiln.data.prepare import scan
+from kiln.data.prepared import PreparedCorpus, is_prepared_dir
 from kiln.data.registry import DATASETS
+from kiln.data.tokenizers import Tokenizer
 from kiln.errors import ConfigError, DataError
 
 INSTRUCTION_SPLITS = ("test", "val", "train", "all")
@@ -142,3 +149,81 @@ def _first_chars(documents: list[str], limit: int) -> list[str]:
         kept.append(document[:left])
         left -= len(document)
     return kept
+
+
+def find_prepared(
+    spec: str | os.PathLike,
+    tokenizer: Tokenizer,
+    trained_on: Sequence[str | os.PathLike] = (),
+    data_dir: str | os.PathLike | None = None,
+    text_field: str | None = None,
+) -> PreparedCorpus | None:
+    """The prepared corpus DATA stands for: DATA itself when it is a prepared folder (whose ids `tokenizer`
+    must read), else a folder prepared from the same text (same checksums), from `trained_on` (the folders
+    the checkpoint trained on) or the user cache, one whose ids `tokenizer` reads first; None if none."""
+    if is_prepared_dir(Path(spec)):
+        corpus = PreparedCorpus.open(spec)
+        if not reads_ids_of(tokenizer, corpus.tokenizer):
+            raise DataError(
+                f"{spec}: was prepared with a {corpus.tokenizer.kind} tokenizer of {corpus.tokenizer.vocab_size:,} "
+                f"tokens that this checkpoint's ({tokenizer.describe()}) does not read; give the text it was "
+                "prepared from as --data"
+            )
+        return corpus
+    cache = cache_dir() / "prepared"
+    cached = sorted(cache.iterdir(), key=lambda f: f.stat().st_mtime, reverse=True) if cache.is_dir() else []
+    folders = [Path(f) for f in [*trained_on, *cached] if is_prepared_dir(Path(f))]
+    if not folders:
+        return None
+    corpora = open_corpus(spec, data_dir, ReadOptions(text_field=text_field))
+    source = {role: corpus.fingerprint() for role, corpus in corpora.items()}
+    same_text = [c for c in map(PreparedCorpus.open, folders) if c.meta["source"]["sha256"] == source]
+    same_text.sort(key=lambda c: not reads_ids_of(tokenizer, c.tokenizer))
+    return same_text[0] if same_text else None
+
+
+def reads_ids_of(tokenizer: Tokenizer, made_with: Tokenizer) -> bool:
+    """True when `tokenizer` reads every id of `made_with` as the same text: the same tokenizer, or one
+    grown from it (fine-tuning adds tokens after the ids the model already knows)."""
+    if tokenizer.fingerprint() == made_with.fingerprint():
+        return True
+    return tokenizer.vocab_size >= made_with.vocab_size and all(
+        tokenizer.decode([i]) == made_with.decode([i]) for i in range(made_with.vocab_size)
+    )
+
+
+def prepared_split(corpus: PreparedCorpus, split: str = "val", limit_chars: int | None = None) -> np.ndarray:
+    """The tokens of a prepared corpus's `split` (val, train or all), at most `limit_chars` characters,
+    after one token of context: an EOS for "start of text" where the split opens a document, else the
+    token val opens with (its own context lies in train)."""
+    if split not in CORPUS_SPLITS:
+        raise ConfigError(f"--split {split}: choose one of {', '.join(CORPUS_SPLITS)} for running text")
+    eos = corpus.meta["tokenizer"]["eos_id"]
+    train, val = corpus.tokens("train"), corpus.tokens("val")
+    if split == "all" and len(train) and len(val) and train[-1] == val[0] == eos:
+        val = val[1:]  # a cut between two documents wrote their EOS on both sides
+    tokens = {"train": train, "val": val, "all": np.concatenate([train, val])}[split]
+    if limit_chars is not None:
+        tokens = _first_token_chars(tokens, corpus.tokenizer, eos, limit_chars)
+    # val cut from one text opens with the EOS of a cut between documents, or inside a document
+    opens_document = split != "val" or corpus.meta["val_fraction"] is None
+    if eos is not None and opens_document and (not len(tokens) or tokens[0] != eos):
+        tokens = np.concatenate([np.array([eos], dtype=tokens.dtype), tokens])
+    if len(tokens) < 2:
+        raise DataError(f"{corpus.folder}: its {split} split is empty; use --split all, or prepare a larger val split")
+    return tokens
+
+
+def _first_token_chars(tokens: np.ndarray, tokenizer: Tokenizer, eos: int | None, limit: int) -> np.ndarray:
+    """The first tokens, as many as spell at most `limit` characters (EOS spells none)."""
+    lengths: dict[int, int] = {}
+    taken = 0
+    for n in range(len(tokens)):
+        token = int(tokens[n])
+        if token != eos:
+            if token not in lengths:
+                lengths[token] = len(tokenizer.decode([token]))
+            taken += lengths[token]
+        if taken > limit:
+            return tokens[:n]
+    return tokens

@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +53,37 @@ def corpus_metrics(
     With an EOS token, the text is scored after an EOS that stands for "start of text", so its first
     token counts too; without one, the first token is only context, and its bytes are left out.
     """
+    documents = [text] if isinstance(text, str) else list(text)
+    ids = _join(documents, tokenizer)
+    text_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    if tokenizer.eos_id is not None:
+        ids = [tokenizer.eos_id, *ids]
+    elif ids:
+        text_bytes -= len(tokenizer.decode(ids[:1]).encode("utf-8"))
+    return _metrics(model, ids, text_bytes, block_size, stride, batch_size)
+
+
+def token_metrics(
+    model: GPT,
+    tokenizer: Tokenizer,
+    ids: Sequence[int],
+    block_size: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> CorpusMetrics:
+    """Score tokens as they are (a prepared split): ids[1:], each after what precedes it; ids[0] is only
+    context. Bytes are those the scored tokens spell, EOS tokens spelling none."""
+    ids = np.asarray(ids, dtype=np.int64)
+    text_bytes = len(tokenizer.decode(ids[1:].tolist()).encode("utf-8"))
+    if tokenizer.eos_id is not None:
+        eos_bytes = len(tokenizer.decode([tokenizer.eos_id]).encode("utf-8"))
+        text_bytes -= int((ids[1:] == tokenizer.eos_id).sum()) * eos_bytes
+    return _metrics(model, ids, text_bytes, block_size, stride, batch_size)
+
+
+def _metrics(
+    model: GPT, ids: Sequence[int], text_bytes: int, block_size: int | None, stride: int | None, batch_size: int
+) -> CorpusMetrics:
     block_size = block_size or model.config.block_size
     stride = stride or block_size
     if not 1 <= block_size <= model.config.block_size:
@@ -60,16 +92,9 @@ def corpus_metrics(
         )
     if not 1 <= stride <= block_size:
         raise ConfigError(f"stride {stride} must be between 1 and the window of {block_size} tokens")
-    documents = [text] if isinstance(text, str) else list(text)
-    ids = _join(documents, tokenizer)
-    text_bytes = sum(len(d.encode("utf-8")) for d in documents)
-    if tokenizer.eos_id is not None:
-        ids = [tokenizer.eos_id, *ids]
-    elif ids:
-        text_bytes -= len(tokenizer.decode(ids[:1]).encode("utf-8"))
     if len(ids) < 2:
         raise DataError("the text is too short to score: it needs at least one token after the first")
-    nats = _score(model, torch.tensor(ids), block_size, stride, batch_size)
+    nats = _score(model, torch.as_tensor(np.asarray(ids, dtype=np.int64)), block_size, stride, batch_size)
     tokens = len(ids) - 1
     loss = nats / tokens
     return CorpusMetrics(

@@ -12,19 +12,23 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.atomic import atomic_file
-from kiln.checkpoint import Checkpoint, load_checkpoint
+from kiln.checkpoint import Checkpoint, load_checkpoint, read_info
 from kiln.data.instructions import load_instructions
 from kiln.data.templates import get_template
 from kiln.device import pick_device
 from kiln.errors import ConfigError
 from kiln.evaluate.data import (
     DEFAULT_SPLIT_SEED,
+    DEFAULT_VAL_FRACTION,
     corpus_split,
     data_name,
+    find_prepared,
     instruction_split,
     is_instruction_data,
+    prepared_split,
+    reads_ids_of,
 )
-from kiln.evaluate.perplexity import corpus_metrics
+from kiln.evaluate.perplexity import corpus_metrics, token_metrics
 from kiln.evaluate.responses import answer_loss, score_responses, summarize
 from kiln.progress import progress_bar
 
@@ -64,9 +68,7 @@ def evaluate(
     if instructions:
         result, rows = _evaluate_instructions(checkpoint, data, data_dir, split, limit, max_new_tokens)
     else:
-        documents = corpus_split(data, split, data_dir, text_field, limit_chars=limit)
-        metrics = corpus_metrics(checkpoint.model, checkpoint.tokenizer, documents, stride=stride)
-        result = {"kind": "corpus", **metrics.to_dict()}
+        result = _evaluate_text(checkpoint, data, data_dir, split, limit, stride, text_field)
         rows = [{"data": str(data), "split": split, **result}]
     default_split = split == ("test" if instructions else "val")
     name = data_name(data) + ("" if default_split else f"-{split}")
@@ -83,6 +85,37 @@ def _finetune_data(checkpoint: Checkpoint, path: str | os.PathLike) -> str:
     if not data:
         raise ConfigError(f"{path}: was not fine-tuned on instruction data; name the data to evaluate on with --data")
     return data
+
+
+def _evaluate_text(
+    checkpoint: Checkpoint,
+    data: str | os.PathLike,
+    data_dir: str | os.PathLike | None,
+    split: str,
+    limit: int | None,
+    stride: int | None,
+    text_field: str | None,
+) -> dict:
+    """Loss, perplexity and bits per byte of running text: the split of the prepared corpus DATA is or
+    was prepared into (the tokens training held out), else the split cut from the text, at the val
+    fraction such a corpus was prepared with when its tokenizer is another."""
+    prepared = find_prepared(data, checkpoint.tokenizer, _trained_on(checkpoint), data_dir, text_field)
+    if prepared is not None and reads_ids_of(checkpoint.tokenizer, prepared.tokenizer):
+        ids = prepared_split(prepared, split, limit)
+        metrics = token_metrics(checkpoint.model, checkpoint.tokenizer, ids, stride=stride)
+        return {"kind": "corpus", "prepared": str(prepared.folder), **metrics.to_dict()}
+    fraction = prepared.meta["val_fraction"] if prepared is not None else None
+    fraction = DEFAULT_VAL_FRACTION if fraction is None else fraction
+    documents = corpus_split(data, split, data_dir, text_field, fraction, limit_chars=limit)
+    metrics = corpus_metrics(checkpoint.model, checkpoint.tokenizer, documents, stride=stride)
+    return {"kind": "corpus", **metrics.to_dict()}
+
+
+def _trained_on(checkpoint: Checkpoint) -> list[str]:
+    """The prepared folders a checkpoint, or the base it was fine-tuned from, was pretrained on."""
+    base = (checkpoint.info.get("finetune") or {}).get("base")
+    found = [checkpoint.info.get("data"), read_info(base).get("data") if base else None]
+    return [folder for folder in found if folder]
 
 
 def _evaluate_instructions(
@@ -124,6 +157,8 @@ def print_summary(result: dict, console: Console | None = None) -> None:
     checkpoint = Path(result["checkpoint"]).resolve()
     table = Table("metric", "value", box=None, pad_edge=False)
     if result["kind"] == "corpus":
+        if result.get("prepared"):
+            table.add_row("prepared data", result["prepared"])
         table.add_row("tokens", f"{result['tokens']:,}")
         table.add_row("bytes", f"{result['bytes']:,}")
         table.add_row("loss (nats/token)", f"{result['loss']:.4f}")

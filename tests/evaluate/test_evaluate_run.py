@@ -1,5 +1,5 @@
-"""`evaluate` end to end: instruction data gives a JSONL of scored answers, running text its val loss,
-and a mistake in the input one clear error."""
+"""`evaluate` end to end: instruction data gives a JSONL of scored answers, running text its val loss
+(a prepared corpus's own val split when there is one), and a mistake in the input one clear error."""
 
 from __future__ import annotations
 
@@ -7,13 +7,20 @@ import json
 import math
 
 import pytest
+import torch
 
-from kiln.checkpoint import load_checkpoint
+from kiln.checkpoint import load_checkpoint, save_checkpoint
+from kiln.cli import main
+from kiln.data.corpus import open_corpus
 from kiln.data.instructions import load_instructions
+from kiln.data.prepare import prepare_corpus
+from kiln.data.prepared import PreparedCorpus
 from kiln.errors import ConfigError, DataError, KilnError
-from kiln.evaluate.data import corpus_split
-from kiln.evaluate.perplexity import corpus_metrics
+from kiln.evaluate.data import corpus_split, prepared_split
+from kiln.evaluate.perplexity import corpus_metrics, token_metrics
 from kiln.evaluate.run import evaluate
+from kiln.model.gpt import GPT, GPTConfig
+from kiln.train.run import training_data
 
 FIELDS = {"instruction", "input", "reference", "response", "rouge_l", "exact_match", "source"}
 
@@ -94,6 +101,60 @@ def test_running_text_is_scored_on_its_last_tenth(tmp_path, tiny_checkpoint, ver
     assert row["loss"] == pytest.approx(result["loss"]) and row["data"] == "the-verdict"
 
 
+def test_prepared_text_is_scored_on_its_own_val_split(tmp_path, verdict_text):
+    prepared_dir = tmp_path / "verdict-char"
+    assert (
+        main(["prepare", "the-verdict", "--tokenizer", "char", "--val-fraction", "0.05", "--out", str(prepared_dir)])
+        == 0
+    )
+    prepared = PreparedCorpus.open(prepared_dir)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=prepared.tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    # what `kiln train --data DIR` records: the prepared folder it trained on
+    checkpoint = save_checkpoint(tmp_path / "run" / "best", model, prepared.tokenizer, info={"data": str(prepared_dir)})
+    val = prepared.tokens("val")
+    cut = int(len(verdict_text) * 0.95)
+    assert prepared.tokenizer.decode(val.tolist()) == verdict_text[cut:]
+    expected = token_metrics(model, prepared.tokenizer, val)
+    for data in (prepared_dir, "the-verdict"):  # the folder, or the text the checkpoint was trained on
+        result = evaluate(checkpoint, data, show=False)
+        assert result["prepared"] == str(prepared_dir)
+        # val opens inside the story, so its first token is only context: every scored token is a val
+        # token, none a training one (a fresh 10% cut would score twice as many)
+        assert result["tokens"] == len(val) - 1 == len(verdict_text) - cut - 1
+        assert result["bytes"] == len(verdict_text[cut + 1 :].encode("utf-8"))
+        assert result["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    limited = evaluate(checkpoint, prepared_dir, limit=100, show=False)
+    assert limited["tokens"] == 99 and limited["bytes"] == len(verdict_text[cut + 1 : cut + 100].encode("utf-8"))
+    train = evaluate(checkpoint, prepared_dir, split="train", limit=100, show=False)
+    # one story, so no EOS in the vocabulary to stand for its start: the first token is only context
+    assert (train["tokens"], train["bytes"]) == (99, len(verdict_text[1:100].encode("utf-8")))
+
+
+def test_text_prepared_by_training_is_found_in_the_cache_or_cut_at_its_fraction(
+    tmp_path, verdict_text, mirror, tiny_checkpoint
+):
+    cached = training_data("the-verdict", "char", mirror)  # what `kiln train --data the-verdict` prepares
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=cached.tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    grown = cached.tokenizer.with_added(chars="#", specials=["<|user|>"])  # as fine-tuning grows it
+    model.resize_vocab(grown.vocab_size)
+    result = evaluate(save_checkpoint(tmp_path / "tuned", model, grown), "the-verdict", show=False)
+    assert result["prepared"] == str(cached.folder) and result["tokens"] == len(cached.tokens("val")) - 1
+
+    prepared_dir = tmp_path / "verdict-5"
+    assert (
+        main(["prepare", "the-verdict", "--tokenizer", "char", "--val-fraction", "0.05", "--out", str(prepared_dir)])
+        == 0
+    )
+    # another tokenizer than the folder's: the text is cut where that folder was cut, and read again
+    other = tiny_checkpoint(tmp_path / "other", verdict_text, {"data": str(prepared_dir)})
+    result = evaluate(other, "the-verdict", show=False)
+    assert "prepared" not in result and result["tokens"] == len(verdict_text) - int(len(verdict_text) * 0.95)
+    with pytest.raises(DataError, match="verdict-5: was prepared with a char tokenizer of .* does not read"):
+        evaluate(other, prepared_dir, show=False)
+
+
 def test_a_data_set_with_its_own_val_file_uses_it(mirror):
     valid = (mirror / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
     assert corpus_split("wikitext-2", "val", limit_chars=5000) == [valid[:5000]]
@@ -112,6 +173,20 @@ def test_a_split_crosses_documents_as_prepare_cuts_them(tmp_path):
     assert corpus_split(folder, "val") == ["a" * 4, "b" * 5]
     assert corpus_split(folder, "train") == ["a" * 81]
     assert corpus_split(folder, "all", limit_chars=87) == ["a" * 85, "b" * 2]
+
+
+def test_a_prepared_split_opens_after_an_eos_where_it_opens_a_document(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for name, text in [("1.txt", "First story."), ("2.txt", "Second story."), ("3.txt", "Third.")]:
+        (tmp_path / "docs" / name).write_text(text)
+    # 31 characters cut at 25, between the second and third stories
+    prepared = prepare_corpus(open_corpus(tmp_path / "docs"), "char", tmp_path / "out", val_fraction=0.19)
+    decode = prepared.tokenizer.decode
+    eos = "<|endoftext|>"
+    assert decode(prepared_split(prepared, "val").tolist()) == eos + "Third."
+    assert decode(prepared_split(prepared, "train").tolist()) == f"{eos}First story.{eos}Second story.{eos}"
+    assert decode(prepared_split(prepared, "all").tolist()) == f"{eos}First story.{eos}Second story.{eos}Third."
+    assert decode(prepared_split(prepared, "all", limit_chars=15).tolist()) == f"{eos}First story.{eos}Sec"
 
 
 def test_text_and_jsonl_files_are_running_text(tmp_path, tiny_checkpoint, write_jsonl):
