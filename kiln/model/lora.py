@@ -2,7 +2,8 @@
 
 The fused q/k/v projection is `attn.qkv` (GPT-2's `c_attn`), so `--lora-targets attn` is what peft
 does to GPT-2 by default. Tokens added to the vocabulary by fine-tuning are trained through peft's
-trainable-token rows, kept tied to the output head; every other base weight stays frozen.
+trainable-token rows: in the embedding, kept tied to the output head, or in both when the head is untied,
+so the model can learn to emit them; every other base weight stays frozen.
 """
 
 from __future__ import annotations
@@ -42,12 +43,19 @@ def add_lora(model: GPT, settings: LoraSettings, new_token_ids: list[int] | None
     """The model wrapped by peft, with only the adapters (and the rows of `new_token_ids`) trainable."""
     from peft import LoraConfig, get_peft_model
 
+    rows = None
+    if new_token_ids:
+        rows = {"wte": list(new_token_ids)}
+        if not model.config.tie_word_embeddings:
+            # an untied head has rows of its own: without them a new token (a template's EOS) is read
+            # but can never be written
+            rows["lm_head"] = list(new_token_ids)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=TARGETS[settings.targets],
-        trainable_token_indices={"wte": list(new_token_ids)} if new_token_ids else None,
+        trainable_token_indices=rows,
         ensure_weight_tying=bool(new_token_ids) and model.config.tie_word_embeddings,
     )
     with warnings.catch_warnings():

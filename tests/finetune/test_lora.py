@@ -7,6 +7,7 @@ import torch
 
 from kiln.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kiln.cli import main
+from kiln.data.tokenizers import EOS, CharTokenizer
 from kiln.errors import ConfigError
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.model.lora import LoraSettings, add_lora, count_parameters, merge_lora
@@ -64,9 +65,33 @@ def test_only_adapter_weights_train_and_the_merge_keeps_the_logits(block_style, 
             assert merged.lm_head.weight is merged.wte.weight
 
 
-def test_an_adapter_folder_loads_onto_its_base_and_refuses_another(tmp_path):
-    from kiln.data.tokenizers import EOS, CharTokenizer
+def test_a_new_token_is_learned_in_and_out_on_an_untied_head(tmp_path):
+    """A template's EOS new to the vocabulary must be writable as well as readable: on an untied head its
+    output row trains too (else the model can never learn to stop); no other row of either moves."""
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,?!", specials=[])  # one document: no EOS
+    base = save_checkpoint(tmp_path / "base", small_model(vocab_size=32, tie_word_embeddings=False), tokenizer)
+    grown = tokenizer.with_added(specials=[EOS])
+    eos = grown.eos_id
+    model = load_checkpoint(base).model
+    model.resize_vocab(grown.vocab_size)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    wrapped = add_lora(model, LoraSettings(r=2, dropout=0.0), new_token_ids=[eos])
+    x = torch.randint(0, eos, (4, 16), generator=torch.Generator().manual_seed(1))
+    x[:, 3::4] = eos  # short "answers", each ending in the new EOS
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        _, loss = wrapped(x[:, :-1], targets=x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapter = save_adapter(tmp_path / "adapter", wrapped, base, grown)
+    merged = load_checkpoint(adapter).model
+    for name in ("wte.weight", "lm_head.weight"):
+        moved = (merged.state_dict()[name] != before[name]).any(dim=1)
+        assert moved.nonzero().flatten().tolist() == [eos], f"{name}: rows {moved.nonzero().flatten().tolist()} moved"
 
+
+def test_an_adapter_folder_loads_onto_its_base_and_refuses_another(tmp_path):
     tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,?!:\n'ABCDEFGHIJKLM", specials=[EOS])
     base = save_checkpoint(tmp_path / "base", small_model(vocab_size=tokenizer.vocab_size), tokenizer)
     wrapped = add_lora(load_checkpoint(base).model, LoraSettings(r=2, dropout=0.0))
