@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import reprlib
+import sys
 import tomllib
 import types
 import typing
@@ -43,9 +46,43 @@ def parse_value(key: str, text: str, annotation: Any) -> Any:
             if not value.is_integer():
                 raise ValueError
             return int(value)
+        if wanted is float and not math.isfinite(value := float(text)):
+            raise ConfigError(f"--set {key}={_shown(text)}: expected a finite float (nan or inf gives only nan)")
+        if wanted is float:
+            return value
+        if wanted is str and not text.isprintable():
+            raise ValueError  # a line end or control character in a name, path or choice
         return wanted(text)
     except ValueError:
-        raise ConfigError(f"--set {key}={text}: expected {getattr(wanted, '__name__', wanted)}") from None
+        raise ConfigError(f"--set {key}={_shown(text)}: expected {_type_name(wanted)}") from None
+
+
+def _typed(key: str, value: Any, annotation: Any) -> Any:
+    """A value read from a config file (or given by a command) as the field's type, or a ConfigError."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    wanted = next(t for t in options if t is not type(None))
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if value is None and type(None) in options:
+        return None
+    if wanted is bool and isinstance(value, bool):
+        return value
+    if wanted is str and isinstance(value, str) and value.isprintable():
+        return value
+    if wanted is int and number and (isinstance(value, int) or value.is_integer()):
+        return int(value)
+    if wanted is float and number and -sys.float_info.max <= value <= sys.float_info.max:  # no nan, no inf
+        return float(value)
+    finite = " (a finite one)" if wanted is float and number else ""
+    raise ConfigError(f"{key} = {reprlib.repr(value)}: expected {_type_name(wanted)}{finite}")
+
+
+def _type_name(wanted: Any) -> str:
+    return "text on one line" if wanted is str else getattr(wanted, "__name__", str(wanted))
+
+
+def _shown(text: str) -> str:
+    """`text` on one line: line ends and other unprintable characters escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def apply_settings(configs: list[Any], settings: dict[str, Any]) -> list[Any]:
@@ -56,10 +93,11 @@ def apply_settings(configs: list[Any], settings: dict[str, Any]) -> list[Any]:
         if key not in owners:
             close = difflib.get_close_matches(key, owners, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"unknown setting '{key}'{hint}")
+            raise ConfigError(f"unknown setting '{_shown(key)}'{hint}")
         index = owners[key]
         annotation = _field_types(configs[index])[key]
-        changes[index][key] = parse_value(key, value, annotation) if isinstance(value, str) else value
+        parse = parse_value if isinstance(value, str) else _typed
+        changes[index][key] = parse(key, value, annotation)
     return [dataclasses.replace(config, **change) for config, change in zip(configs, changes, strict=True)]
 
 
@@ -79,13 +117,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"{path}: config files are .toml or .json")
     try:
-        if path.suffix == ".toml":
-            return tomllib.loads(path.read_text(encoding="utf-8"))
-        if path.suffix == ".json":
-            return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        settings = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 at byte {e.start:,}; save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    raise ConfigError(f"{path}: config files are .toml or .json")
+    except (ValueError, RecursionError) as e:  # an integer past 4,300 digits; nesting past the stack
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        raise ConfigError(f"{path}: cannot read it ({why})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: should hold one object of settings (key: value), not a {type(settings).__name__}")
+    return settings

@@ -44,6 +44,9 @@ class GPTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:  # n_head 0 was a ZeroDivisionError below
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.block_style not in BLOCK_STYLES:
             raise ConfigError(f"block_style '{self.block_style}': choose one of {', '.join(BLOCK_STYLES)}")
         if self.activation not in ACTIVATIONS:
