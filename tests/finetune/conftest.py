@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -11,15 +12,19 @@ from kiln.checkpoint import save_checkpoint
 from kiln.data.tokenizers import EOS, CharTokenizer
 from kiln.model.gpt import GPT, GPTConfig
 
-QUESTIONS = [
-    ("What is the colour of the sky?", "", "The sky is blue."),
-    ("Name a fruit.", "", "An apple."),
-    ("Repeat the word.", "tree", "tree"),
-    ("What is 2 plus 2?", "", "4"),
-    ("Say hello.", "", "Hello!"),
-    ("Give the opposite.", "hot", "cold"),
-    ("Capital of France?", "", "Paris."),
-    ("Spell cat backwards.", "", "tac"),
+# Forty examples, each of its own word, so that no example, input or answer of the val split is also a
+# training one: what val measures is how the model does on examples it has not seen.
+WORDS = [
+    *("apple", "river", "stone", "cloud", "horse", "table", "music", "paper", "grass", "chair", "bread", "light"),
+    *("water", "plant", "sugar", "glass", "money", "night", "smile", "train", "field", "honey", "lemon", "mouse"),
+    *("ocean", "piano", "queen", "robot", "snake", "tiger", "uncle", "voice", "whale", "yacht", "zebra", "brick"),
+    *("candle", "dragon", "forest", "jungle"),
+]
+TASKS = [
+    ("Repeat the word.", lambda word: word),
+    ("Spell the word backwards.", lambda word: word[::-1]),
+    ("Write the word in capitals.", str.upper),
+    ("Add an s to the word.", lambda word: word + "s"),
 ]
 
 
@@ -36,10 +41,12 @@ def base_checkpoint(tmp_path):
 
 @pytest.fixture
 def instruction_file(tmp_path):
-    # Five wordings of each question (from the base's own characters), so that no two examples are the
-    # same and the val split holds examples the model did not train on.
-    openings = ["", "Please, ", "Now, ", "Quick: ", "Again, "]
-    records = [{"instruction": o + q, "input": i, "output": a} for o in openings for q, i, a in QUESTIONS]
+    """Forty distinct examples in the base's own characters, and one ("What is 2 plus 2?") with digits."""
+    records = [
+        {"instruction": task, "input": word, "output": answer(word)}
+        for word, (task, answer) in zip(WORDS, itertools.cycle(TASKS))
+    ]
+    records.append({"instruction": "What is 2 plus 2?", "input": "", "output": "4"})
     path = tmp_path / "instructions.json"
     path.write_text(json.dumps(records))
     return path

@@ -23,6 +23,14 @@ def val_loss(folder, instruction_file):
     return masked_loss(checkpoint.model, examples, checkpoint.tokenizer.eos_id)
 
 
+def test_the_val_split_holds_examples_that_are_not_trained_on(instruction_file):
+    splits = load_instructions(instruction_file).split()
+    seen = {text for c in splits["train"] for m in c.messages for text in (m.content, m.context) if text}
+    held_out = [text for c in splits["val"] for text in (c.messages[0].context, c.response) if text]
+    assert len(splits["val"]) == 4 and len(held_out) >= 4
+    assert not seen.intersection(held_out), "a val input or answer is also a training one"
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_finetune_learns_and_saves_a_model_that_chat_can_use(tmp_path, base_checkpoint, instruction_file, lora, capsys):
     out = tmp_path / "run"
@@ -37,7 +45,9 @@ def test_finetune_learns_and_saves_a_model_that_chat_can_use(tmp_path, base_chec
     assert (is_adapter if lora else is_checkpoint)(best)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 20, 40, 60]
-    assert rows[-1]["val_loss"] < rows[0]["val_loss"] * (0.9 if lora else 0.8)
+    # Val is held out, so what carries over is the format and the answers' letters, not the answers; LoRA
+    # on a random base (frozen, near-uniform head) can move its outputs only a little.
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] * (0.97 if lora else 0.9)
     checkpoint = load_checkpoint(best)
     assert checkpoint.info["template"] == "alpaca" and checkpoint.model.config.block_size == 128
     assert checkpoint.tokenizer.vocab_size == checkpoint.model.config.vocab_size
