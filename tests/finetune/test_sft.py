@@ -9,10 +9,11 @@ import torch
 
 from kiln.checkpoint import is_adapter, is_checkpoint, load_checkpoint
 from kiln.cli import main
-from kiln.data.instructions import load_instructions
-from kiln.data.templates import get_template
+from kiln.data.instructions import Message, load_instructions
+from kiln.data.templates import encode_pieces, get_template
 from kiln.finetune.examples import encode_conversations
 from kiln.finetune.sft import masked_loss
+from kiln.generate.sampling import SamplingConfig, generate
 
 
 def val_loss(folder, instruction_file):
@@ -55,6 +56,29 @@ def test_finetune_learns_and_saves_a_model_that_chat_can_use(tmp_path, base_chec
     base = load_checkpoint(base_checkpoint)
     assert base.model.config.vocab_size < checkpoint.model.config.vocab_size  # the base folder is untouched
     assert f"kiln chat {best}" in printed
+
+
+def test_a_finetuned_model_learns_to_stop(tmp_path, base_checkpoint):
+    """Batches pad with EOS, and the EOS that ends each answer must still be learned: greedy replies to
+    prompts the model never saw end with EOS, well before the token limit."""
+    replies = {"Greet": "Hello!", "Thank": "Thanks!", "Wave at": "Bye!"}
+    names = ["Anna", "Bob", "Clara", "Dan", "Eve", "Frank", "Gina", "Hal", "Ivy", "Jon", "Kate", "Leo"]
+    records = [{"instruction": f"{verb} {name}.", "output": reply} for verb, reply in replies.items() for name in names]
+    data = tmp_path / "greetings.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    args = ["finetune", str(base_checkpoint), "--data", str(data), "--out", str(out), "--template", "chat"]
+    assert main([*args, "--max-iters", "150", "--set", "lr=3e-3", "--set", "eval_interval=150"]) == 0
+    checkpoint = load_checkpoint(out / "best")
+    template, tokenizer = get_template(checkpoint.info["template"]), checkpoint.tokenizer
+    config = SamplingConfig(max_new_tokens=30, temperature=0.0)
+    for verb, reply in replies.items():
+        for name in ["Olga", "Pete", "Rosa"]:  # names it was not fine-tuned on
+            prompt = template.render([Message("user", f"{verb} {name}.")], generation_prompt=True)
+            ids = torch.tensor([encode_pieces(prompt, tokenizer).ids])
+            tokens = list(generate(checkpoint.model, ids, config, stop_ids={tokenizer.eos_id}))
+            assert tokens[-1] == tokenizer.eos_id, f"{verb} {name}: no EOS in {tokenizer.decode(tokens)!r}"
+            assert tokenizer.decode(tokens[:-1]) == reply
 
 
 def test_early_stop_ends_when_val_loss_stops_improving(tmp_path, base_checkpoint, instruction_file):
