@@ -139,15 +139,19 @@ class JsonlRecords(Corpus):
     def documents(self) -> Documents:
         text_field = self.options.text_field or "text"
         self.skipped_lines = 0
-        with open(self.path, encoding="utf-8-sig", errors=self.options.errors) as f:
+        with open(self.path, "rb") as f:  # line by line, so that a byte that is not UTF-8 names its line
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 problem = None
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8", self.options.errors))
+                except UnicodeDecodeError as e:
+                    problem = f"not UTF-8 at byte {e.start + 1} of the line (--errors replace reads it anyway)"
                 except json.JSONDecodeError as e:
                     problem = f"not valid JSON ({e.msg} at column {e.colno})"
+                except (ValueError, RecursionError) as e:  # an integer past 4,300 digits; nesting past the stack
+                    problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
                 else:
                     if not isinstance(record, dict):
                         problem = "not a JSON object"
