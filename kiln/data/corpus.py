@@ -147,7 +147,7 @@ class JsonlRecords(Corpus):
                 try:
                     record = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8", self.options.errors))
                 except UnicodeDecodeError as e:
-                    problem = f"not UTF-8 at byte {e.start + 1} of the line (--errors replace reads it anyway)"
+                    problem = f"not UTF-8 at byte {e.start} of the line (--errors replace reads it anyway)"
                 except json.JSONDecodeError as e:
                     problem = f"not valid JSON ({e.msg} at column {e.colno})"
                 except (ValueError, RecursionError) as e:  # an integer past 4,300 digits; nesting past the stack

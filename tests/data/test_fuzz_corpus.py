@@ -82,7 +82,7 @@ def test_jsonl_past_python_limits_is_a_data_error(tmp_path):
     """These were a bare UnicodeDecodeError, ValueError (4,300 digits) and RecursionError."""
     path = tmp_path / "docs.jsonl"
     for raw, problem, good in [
-        (b'{"text": "ok"}\n{"text": "\xff"}\n', "docs.jsonl:2: not UTF-8 at byte 11", ["ok"]),
+        (b'{"text": "ok"}\n{"text": "\xff"}\n', "docs.jsonl:2: not UTF-8 at byte 10", ["ok"]),
         (b'{"text": ' + b"1" * 5000 + b"}\n", "docs.jsonl:1: Exceeds the limit", []),
         (b"[" * 100_000 + b"\n", "docs.jsonl:1: nested too deeply", []),
     ]:
