@@ -53,7 +53,7 @@ def tokenizer_kind(request, gpt2, trained_bpe):
     return {"gpt2": gpt2.with_added(specials=SPECIAL_TOKENS), "bpe": trained_bpe, "char": "char"}[request.param]
 
 
-@fuzz(120)
+@fuzz(200)
 @given(
     template=st.sampled_from(sorted(TEMPLATES)),
     messages=conversations(),
