@@ -47,10 +47,12 @@ def conversations(draw) -> list[Message]:
 
 
 @pytest.fixture(scope="module", params=["gpt2", "bpe", "char"])
-def tokenizer_kind(request, gpt2, trained_bpe):
+def tokenizer_kind(request):
     """gpt2 with the chat tokens added (as fine-tuning adds them), the trained bpe (which reserves them),
-    or "char": a char vocabulary built for each conversation."""
-    return {"gpt2": gpt2.with_added(specials=SPECIAL_TOKENS), "bpe": trained_bpe, "char": "char"}[request.param]
+    or "char": a char vocabulary built for each conversation (this one needs no data mirror)."""
+    if request.param == "gpt2":
+        return request.getfixturevalue("gpt2").with_added(specials=SPECIAL_TOKENS)
+    return request.getfixturevalue("trained_bpe") if request.param == "bpe" else "char"
 
 
 @fuzz(200)
