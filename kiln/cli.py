@@ -217,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
     sv.add_argument("--queue", type=int, default=32, help="requests that may wait for a slot (default 32)")
+    sv.add_argument(
+        "--stream-interval",
+        type=float,
+        default=20.0,
+        metavar="MS",
+        help="send new text to streaming clients at most every MS milliseconds (default 20; 0: every token)",
+    )
     _add_device(sv)
 
     ev = commands.add_parser(
@@ -593,6 +600,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         queue=args.queue,
         device=args.device,
         threads=args.threads,
+        stream_interval_ms=args.stream_interval,
     )
 
 

@@ -114,7 +114,7 @@ class TextStream:
         if hit >= 0:
             self.stopped = True
             return self._show(text[:hit])
-        hold = max((len(s) - 1 for s in self.stop), default=0)
+        hold = max((_partial_stop(text, s) for s in self.stop), default=0)
         return self._show(text[: len(text) - hold] if hold else text)
 
     def finish(self) -> str:
@@ -126,6 +126,14 @@ class TextStream:
             return ""
         new, self.shown = text[len(self.shown) :], text
         return new
+
+
+def _partial_stop(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that begins `stop`: that much may yet become it."""
+    for length in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:length]):
+            return length
+    return 0
 
 
 def stream_text(

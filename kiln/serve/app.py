@@ -21,9 +21,10 @@ def create_app(
     runs_dir: Path | None = None,
     api_key: str | None = None,
     limits: api.Limits | None = None,
+    stream_interval: float = 0.02,
 ) -> FastAPI:
     """The server for `models`; the decoding thread runs while the app does."""
-    scheduler = Scheduler(models, queue_size)
+    scheduler = Scheduler(models, queue_size, stream_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

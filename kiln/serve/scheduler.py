@@ -1,6 +1,9 @@
 """The queue in front of the models, and the one thread that runs them: each request takes a KV-cache
 slot, is prefilled alone, then decodes one token per step together with every other request on the
 same engine (llama.cpp's server slots). A request whose client has gone is dropped before the next step.
+New text reaches the clients at most every `stream_interval` seconds (the first token at once): a small
+model decodes hundreds of tokens a second per client, and framing each as its own event would cost the
+server more CPU than decoding it.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -48,10 +52,12 @@ class Job:
 
 class Scheduler:
     """Admits queued jobs into free slots and steps every active job, on one background thread.
-    At most `queue_size` jobs wait for a slot; one more is refused with 503."""
+    At most `queue_size` jobs wait for a slot; one more is refused with 503. Text is handed to the
+    clients at most every `stream_interval` seconds (0: after every step)."""
 
-    def __init__(self, registry: ModelRegistry, queue_size: int = 32):
-        self.registry, self.queue_size = registry, queue_size
+    def __init__(self, registry: ModelRegistry, queue_size: int = 32, stream_interval: float = 0.02):
+        self.registry, self.queue_size, self.stream_interval = registry, queue_size, stream_interval
+        self._flushed = 0.0  # when events were last handed over
         self._waiting: deque[Job] = deque()
         self._active: dict[Engine, list[Job]] = {}
         self._free: dict[Engine, list[int]] = {}
@@ -106,7 +112,8 @@ class Scheduler:
                 self._release([job for job in jobs if job.cancelled])
                 if jobs:
                     self._guarded(self._step, engine, jobs)
-            self._flush()
+            if not any(self._active.values()) or time.monotonic() - self._flushed >= self.stream_interval:
+                self._flush()
 
     def _admit(self) -> list[Job]:
         """Move waiting jobs (oldest first) into free slots of their engines; drop cancelled ones."""
@@ -219,7 +226,8 @@ class Scheduler:
         self._outbox.setdefault(job.loop, []).append((job, event))
 
     def _flush(self) -> None:
-        """Hand this step's events to the clients' event loops, one wake-up per loop rather than per token."""
+        """Hand the events so far to the clients' event loops, one wake-up per loop rather than per token."""
+        self._flushed = time.monotonic()
         outbox, self._outbox = self._outbox, {}
         for loop, events in outbox.items():
             try:

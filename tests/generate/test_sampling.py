@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -115,3 +117,29 @@ def test_stream_text_ends_at_a_stop_string_and_hides_it(mirror, verdict_text):
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = "".join(stream_text(model, tokenizer, "The", greedy, stop=[stop]))
     assert cut == full[: full.index(stop)]
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    text=st.text(alphabet="ab#\n", max_size=24),
+    stops=st.lists(st.text(alphabet="ab#\n", min_size=1, max_size=4), max_size=2),
+)
+def test_a_text_stream_shows_all_but_what_may_still_become_a_stop_string(text, stops):
+    from kiln.data.tokenizers.char import CharTokenizer
+    from kiln.generate.sampling import TextStream
+
+    tokenizer = CharTokenizer("ab#\n")
+    stream = TextStream(tokenizer, stops)
+    shown = ""
+    for i, token in enumerate(tokenizer.encode(text)):
+        shown += stream.add(token)
+        seen = text[: i + 1]
+        hits = [seen.find(s) for s in stops if s in seen]
+        if hits:
+            assert stream.stopped and shown == seen[: min(hits)]
+            break
+        # Held back: only the longest end of the text so far that some stop string begins with.
+        held = max([n for s in stops for n in range(1, len(s)) if seen.endswith(s[:n])], default=0)
+        assert shown == seen[: len(seen) - held]
+    else:
+        assert shown + stream.finish() == text

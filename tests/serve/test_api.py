@@ -70,6 +70,31 @@ def test_the_stream_is_shaped_as_openai_sends_it(tuned):
     assert all(e["usage"] is None for e in body)
 
 
+@pytest.mark.parametrize(
+    "interval, handovers", [(0.0, ["P", "a", "r", "i", "s", ".", "end"]), (60.0, ["P", "aris.end"])]
+)
+def test_text_is_handed_over_at_most_every_stream_interval_and_the_first_token_at_once(
+    served_runs, tmp_path, interval, handovers
+):
+    with make_client(served_runs["tuned"].parent, tmp_path, stream_interval=interval) as client:
+        scheduler, seen = client.app.state.scheduler, []
+        flush = scheduler._flush
+
+        def recorded_flush():
+            seen.append(
+                "".join(
+                    event[1] if event[0] == "text" else event[0] for e in scheduler._outbox.values() for _, event in e
+                )
+            )
+            flush()
+
+        scheduler._flush = recorded_flush
+        events = sse_events(chat(client, "Capital of France?", stream=True))
+    # The first token as soon as it is chosen; at 60 s the rest only when the reply ends.
+    assert [piece for piece in seen if piece] == handovers
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "Paris."
+
+
 def test_a_stop_string_ends_the_reply_and_is_not_shown(tuned):
     whole = chat(tuned, "Capital of France?", stop=["ri"]).json()["choices"][0]
     assert (whole["message"]["content"], whole["finish_reason"]) == ("Pa", "stop")
