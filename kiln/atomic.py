@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,17 +15,81 @@ from pathlib import Path
 
 from kiln.errors import KilnError
 
+# Rust-backed writers (safetensors, tokenizers) raise their own exception types, with the system's
+# error number in the message; numpy's tofile says only how much of a short write went through.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def write_failure(error: BaseException, target: Path, tmp: Path | None = None) -> OSError | None:
+    """`error`, raised while writing `target` (through its temporary copy `tmp`), as an OSError that
+    names `target` and says why in the system's words (a full disk, a read-only place, a file where a
+    folder should be); None when it is no failed write of ours (a bug, or trouble reading another file)."""
+    target = Path(target)
+    if isinstance(error, KilnError):
+        return None  # already said in the user's terms
+    if not isinstance(error, OSError):
+        found = _RUST_OS_ERROR.search(str(error))
+        return OSError(int(found[1]), os.strerror(int(found[1])), str(target)) if found else None
+    named = Path(os.fsdecode(error.filename)) if error.filename is not None else None
+    if named is not None and not _is_ours(named, target, tmp):
+        return None
+    code = error.errno
+    if isinstance(error, FileExistsError) and named != target:
+        code = errno.ENOTDIR  # a folder on the way is a file
+    elif code is None and _SHORT_WRITE.search(str(error)):
+        code = errno.ENOSPC  # a write to a regular file falls short when the disk is full
+    return OSError(code, os.strerror(code) if code else error.strerror or str(error), str(target))
+
+
+def _is_ours(path: Path, target: Path, tmp: Path | None) -> bool:
+    """`path` is `target`, a folder on the way to it, its temporary copy or something inside that."""
+    return (
+        path == target
+        or target.is_relative_to(path)
+        or path.name.startswith(f".{target.name}.")
+        or (tmp is not None and path.is_relative_to(tmp))
+    )
+
+
+@contextmanager
+def _writing(target: Path, tmp: Path | None = None) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        failure = write_failure(e, target, tmp)
+        if failure is None:
+            raise
+        raise failure from e
+
+
+def _refuse_special(target: Path) -> None:
+    """A device, pipe or socket (such as /dev/full) is never replaced by a file or folder of ours."""
+    try:
+        mode = target.lstat().st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        raise KilnError(f"{target}: is a device, pipe or socket, not a file or folder; give the path of one to write")
+
 
 @contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target`, on failure it is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
+    """Yield a temporary path beside `target`; on success it replaces `target`, on failure it is removed.
+    A failed write is an OSError naming `target` (see `write_failure`)."""
+    target = Path(target)
+    _refuse_special(target)
+    with _writing(target):
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with _writing(target, tmp):
+            yield tmp
+            os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -86,23 +153,29 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     The new folder is fsynced before the swap. The old folder is moved aside before the rename and
     deleted only after it, so at every instant either `target` is whole (old or new) or the old one
     waits at `.NAME.old`, where `recover_dir` (run before every save, and by training at its start)
-    puts it back.
+    puts it back. A failed write (a full disk, say) leaves `target` as it was and is an OSError naming
+    it (see `write_failure`).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part"))
+    _refuse_special(target)
+    with _writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_dir(target)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part"))
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        old = _old(target)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        with _writing(target, tmp):
+            yield tmp
+            _fsync_tree(tmp)
+            old = _old(target)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+            _fsync(target.parent)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _old(target).exists() and not target.exists():  # the second rename failed: the old one goes back
+            os.replace(_old(target), target)
 
 
 def refuse_to_replace(target: Path, force: bool) -> None:

@@ -58,14 +58,23 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint folder atomically (temporary folder, then rename)."""
     folder = Path(folder)
-    try:
+    with _saving(folder, "checkpoint", resumable=state is not None):
         _write_checkpoint(folder, model, tokenizer, state, info)
-    except OSError as e:
-        raise KilnError(
-            f"{folder}: could not write the checkpoint ({e.strerror or e}); the previous one there is intact. "
-            "Free some disk space, then continue with --resume"
-        ) from e
     return folder
+
+
+@contextmanager
+def _saving(folder: Path, what: str, resumable: bool) -> Iterator[None]:
+    """A save that cannot be written (a full disk, a read-only place) is one line; the atomic write
+    has left whatever `folder` held before as it was."""
+    try:
+        yield
+    except OSError as e:
+        then = "then continue with --resume" if resumable else "then run the command again"
+        raise KilnError(
+            f"{folder}: could not write the {what} ({e.strerror or e}); the previous one there is intact. "
+            f"Free some disk space (or choose a place you can write to), {then}"
+        ) from e
 
 
 def _write_checkpoint(
@@ -104,7 +113,8 @@ def load_training_state(folder: str | os.PathLike, device: str | torch.device = 
     folder = Path(folder)
     if not (folder / STATE_JSON).is_file():
         return None
-    meta = json.loads((folder / STATE_JSON).read_text())
+    with _damaged_file(folder / STATE_JSON):
+        meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
     with _damaged_file(folder / STATE_TENSORS):
         tensors = load_file(str(folder / STATE_TENSORS), device=str(device))
     optimizers = [
@@ -141,6 +151,18 @@ def read_info(folder: str | os.PathLike) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+def model_config(folder: str | os.PathLike) -> GPTConfig:
+    """The model shape a checkpoint's (or adapter's) config.json records."""
+    try:
+        return GPTConfig.from_dict(read_info(folder)["model"])
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
+        why = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"{Path(folder) / CONFIG_FILE}: its model settings cannot be read ({why}); "
+            "use another checkpoint, or train again"
+        ) from None
+
+
 def _mark(folder: str | os.PathLike) -> str | None:
     return read_info(folder).get("kiln")
 
@@ -170,7 +192,7 @@ def save_adapter(
     checkpoint (path and weights checksum) and the model shape the adapter applies to, and the training
     state when given."""
     folder = Path(folder)
-    with atomic_dir(folder) as tmp:
+    with _saving(folder, "adapter", resumable=state is not None), atomic_dir(folder) as tmp:
         peft_model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing about this run
         config = {
@@ -202,10 +224,19 @@ def load_checkpoint(
             f"{folder}: not a Kiln checkpoint (no Kiln {CONFIG_FILE}); give a folder that "
             "`kiln train` or `kiln finetune` wrote, such as RUN_DIR/best"
         )
-    info = json.loads((folder / CONFIG_FILE).read_text())
-    model = GPT(GPTConfig.from_dict(info["model"]))
+    info = read_info(folder)
+    model = GPT(model_config(folder))
     with _damaged_file(folder / WEIGHTS_FILE):
-        missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(device))
+        try:
+            missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(device))
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            first = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
+            raise ConfigError(
+                f"{folder / WEIGHTS_FILE}: weights do not match config.json ({first[:160]}); "
+                "use another checkpoint, or train again"
+            ) from None
     if missing or unexpected:
         raise ConfigError(
             f"{folder / WEIGHTS_FILE}: weights do not match config.json "
@@ -220,6 +251,11 @@ def adapter_base(folder: str | os.PathLike, base: str | os.PathLike | None = Non
     the very weights the adapter was trained on."""
     folder = Path(folder)
     info = read_info(folder)
+    if not isinstance(info.get("base"), str) or not isinstance(info.get("base_sha256"), str):
+        raise ConfigError(
+            f"{folder / CONFIG_FILE}: does not record the adapter's base (base and base_sha256); "
+            "use an adapter folder that `kiln finetune --lora-r` wrote"
+        )
     base = Path(base or info["base"])
     if not is_checkpoint(base):
         raise ConfigError(
@@ -252,7 +288,7 @@ def tuned_from(folder: str | os.PathLike) -> Path | None:
 
 def shape_for_adapter(model: GPT, folder: str | os.PathLike) -> None:
     """Grow `model` (the adapter's base) to the vocabulary and context the adapter was trained with."""
-    shape = GPTConfig.from_dict(read_info(folder)["model"])
+    shape = model_config(folder)
     model.resize_vocab(shape.vocab_size)
     model.resize_context(shape.block_size)
 
@@ -263,6 +299,11 @@ def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathL
     checkpoint = load_checkpoint(adapter_base(folder, base), device)
     model = checkpoint.model
     shape_for_adapter(model, folder)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # peft would look for them on the Hub
+        if not (folder / name).is_file():
+            raise ConfigError(f"{folder / name}: is missing; use another adapter, or fine-tune again")
+    with _damaged_file(folder / "adapter_config.json"):
+        json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     with _damaged_file(folder / "adapter_model.safetensors"):
         merged = merge_lora(load_lora(model, str(folder)))
     return Checkpoint(merged.to(device), load_tokenizer(folder / TOKENIZER_DIR), read_info(folder), None)
@@ -270,17 +311,19 @@ def _load_adapter(folder: Path, device: str | torch.device, base: str | os.PathL
 
 @contextmanager
 def _damaged_file(path: Path) -> Iterator[None]:
-    """A tensor file that is missing, cut short or not safetensors at all is one line naming it."""
+    """A file that is missing, cut short or not what it should be at all (not safetensors, not JSON) is
+    one line naming it."""
     try:
         yield
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            raise
-        what = (
-            "is missing"
-            if isinstance(e, FileNotFoundError)
-            else f"cannot be read ({str(e).splitlines()[0][:120]}): it is damaged or cut short"
-        )
+        if isinstance(e, FileNotFoundError):
+            what = "is missing"
+        elif path.is_dir():
+            what = "is a folder, where a file should be"
+        elif isinstance(e, OSError):
+            what = f"cannot be read ({e.strerror or e})"
+        else:
+            what = f"cannot be read ({str(e).splitlines()[0][:120]}): it is damaged or cut short"
         raise ConfigError(
             f"{path}: {what}; use another checkpoint (such as the run's best/ or last/), or train again"
         ) from None

@@ -8,6 +8,7 @@ each head, as llama.cpp's own converter does. Everything else is a rename.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -33,10 +34,11 @@ def _interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def _check_exportable(model: GPT, tokenizer: Tokenizer | None, source: str) -> None:
     if model.config.block_style != "llama":
         raise KilnError(f"{source}: GGUF export is for llama-style models; use --to hf for gpt2-style ones")
-    if tokenizer is None or isinstance(tokenizer, CharTokenizer):
-        kind = tokenizer.kind if tokenizer else "no"
+    if tokenizer is None:
+        raise KilnError(f"{source}: has no tokenizer/ folder; an export needs the tokenizer the model reads")
+    if isinstance(tokenizer, CharTokenizer):
         raise KilnError(
-            f"{source}: has a {kind} tokenizer; llama.cpp reads byte-level BPE vocabularies (gpt2, bpe), so "
+            f"{source}: has a {tokenizer.kind} tokenizer; llama.cpp reads byte-level BPE vocabularies (gpt2, bpe), so "
             "export this one with --to hf"
         )
 
@@ -59,8 +61,8 @@ def export_gguf(
     model, tokenizer, config = loaded.model.float().eval(), loaded.tokenizer, loaded.model.config
     _check_exportable(model, tokenizer, str(checkpoint))
     out = Path(out)
-    with atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+    # closing() also on failure: a disk that fills mid-write must not keep the file open.
+    with atomic_file(out) as tmp, contextlib.closing(gguf.GGUFWriter(str(tmp), "llama")) as writer:
         writer.add_name(Path(checkpoint).resolve().parent.name or "kiln")
         writer.add_context_length(config.block_size)
         writer.add_embedding_length(config.n_embd)
@@ -87,7 +89,6 @@ def export_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
     return out
 
 
