@@ -201,7 +201,7 @@ def _load_table(path: Path, table_format: str):
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors come back as one DataError
     try:
         return datasets.load_dataset(table_format, data_files=str(path), split="train", streaming=True)
     except Exception as e:
@@ -288,6 +288,11 @@ def _open_path(path: Path, options: ReadOptions, label: str | None = None) -> Co
             ),
             key=lambda p: p.relative_to(path).as_posix(),
         )
+        if not files and (path / "meta.json").is_file():
+            raise DataError(
+                f"{path / 'meta.json'}: not the meta.json of a Kiln prepared corpus (damaged?); "
+                "prepare the data again with `kiln prepare`"
+            )
         if not files:
             raise DataError(f"{path}: folder has no {'/'.join(sorted(TEXT_SUFFIXES))} files")
         return TextFiles(label=label, options=options, paths=files)

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from kiln.atomic import atomic_dir, refuse_to_replace
 from kiln.checkpoint import Checkpoint, is_adapter, is_checkpoint, load_checkpoint, save_checkpoint
@@ -92,11 +93,15 @@ def hf_folder(source: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise KilnError(
-            f"{spec}: cannot fetch {repo} from the Hugging Face Hub ({reason}). Where there is a network, run "
+            f"{spec}: cannot fetch {repo} from the Hugging Face Hub ({_first_line(e)}). Where there is a network, run "
             f"`hf download {repo} --local-dir {spec.split('/')[-1]}`, bring that folder here and give its path instead"
         ) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
 
 
 def load_hf(source: str | os.PathLike) -> Checkpoint:
@@ -105,9 +110,20 @@ def load_hf(source: str | os.PathLike) -> Checkpoint:
 
     _quiet_transformers()
     folder = hf_folder(source)
-    hf = AutoConfig.from_pretrained(str(folder))
+    try:
+        hf = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{folder / 'config.json'}: cannot be read ({_first_line(e)}); it is damaged, or not a model's config"
+        ) from None
     config = kiln_config(hf, str(folder))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, cut short, not safetensors
+        raise ConfigError(
+            f"{folder}: cannot load the model's weights ({_first_line(e)}); they are missing, damaged or cut short, "
+            "so fetch the model again"
+        ) from None
     weights = from_hf_state_dict(hf_model.state_dict(), config, str(folder))
     model = GPT(config)
     model.load_state_dict(weights, strict=True)

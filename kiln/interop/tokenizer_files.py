@@ -81,8 +81,14 @@ def load_hf_tokenizer(folder: Path) -> Tokenizer:
     ):
         added = ()
         if backend_file.is_file():
-            tokens = json.loads(backend_file.read_text(encoding="utf-8")).get("added_tokens", [])
-            later = sorted((t for t in tokens if t["id"] > 50256), key=lambda t: t["id"])
+            try:
+                tokens = json.loads(backend_file.read_text(encoding="utf-8")).get("added_tokens", [])
+                later = sorted((t for t in tokens if t["id"] > 50256), key=lambda t: t["id"])
+            except (ValueError, AttributeError, TypeError, KeyError) as e:
+                why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                raise TokenizerError(
+                    f"{backend_file}: cannot read it ({why}); it is damaged, or not a tokenizer.json"
+                ) from None
             if [t["id"] for t in later] != list(range(50257, 50257 + len(later))):
                 raise TokenizerError(f"{backend_file}: tokens added after GPT-2's must take ids 50257, 50258, ...")
             added = tuple(t["content"] for t in later)

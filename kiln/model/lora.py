@@ -35,6 +35,8 @@ class LoraSettings:
             raise ConfigError(f"--lora-r {self.r} must be at least 1")
         if self.targets not in TARGETS:
             raise ConfigError(f"--lora-targets {self.targets}: choose one of {', '.join(TARGETS)}")
+        if not self.alpha > 0:  # alpha / r scales the adapter: 0 would train it to no effect
+            raise ConfigError(f"--lora-alpha {self.alpha} must be above 0")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--lora-dropout {self.dropout} must be at least 0 and below 1")
 

@@ -131,6 +131,11 @@ def read_meta(folder: Path) -> dict:
             "make one with `kiln tokenizer train DATA --out DIR`"
         )
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{meta_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{meta_path}: not UTF-8 at byte {e.start:,}: it is damaged; save it again") from None
+    if not isinstance(meta, dict):
+        raise TokenizerError(f"{meta_path}: holds a {type(meta).__name__}, not a tokenizer's settings; save it again")
+    return meta
