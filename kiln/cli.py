@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import kiln
-from kiln.errors import ConfigError, KilnError, TrainingStopped
+from kiln.errors import ConfigError, DataError, KilnError, TrainingStopped
 
 EXIT_USER_ERROR = 2
 
@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("adapter", help="an adapter folder that `kiln finetune --lora-r` wrote")
     mg.add_argument("--out", required=True, help="folder for the merged checkpoint")
     mg.add_argument("--base", help="the base checkpoint, if it has moved since the adapter was trained")
+    mg.add_argument("--force", action="store_true", help="replace --out if it already exists")
 
     ex = commands.add_parser(
         "export",
@@ -332,15 +333,35 @@ def cmd_data_get(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from kiln.atomic import atomic_dir
     from kiln.data.chunking import safe_chunks
     from kiln.data.corpus import open_corpus
     from kiln.data.tokenizers import BPETokenizer
+    from kiln.data.tokenizers.base import META_FILE
 
+    if args.min_frequency < 0:
+        raise ConfigError(f"--min-frequency {args.min_frequency} must be 0 or more")
+    folder = Path(args.out)
+    # The folder is written whole or not at all, so it must hold nothing else (or an earlier tokenizer).
+    if (folder.is_dir() and any(folder.iterdir()) and not (folder / META_FILE).is_file()) or folder.is_file():
+        raise KilnError(f"{folder}: already holds something else; give --out a new or empty folder")
     corpora = open_corpus(args.data, args.data_dir, _read_options(args))
-    texts = (chunk for c in corpora.values() for doc in c.documents() for chunk in safe_chunks(doc))
+    read = {"chars": 0, "words": False}
+
+    def texts():
+        for chunk in (chunk for c in corpora.values() for doc in c.documents() for chunk in safe_chunks(doc)):
+            read["chars"] += len(chunk)
+            read["words"] = read["words"] or not chunk.isspace()
+            yield chunk
+
     start = time.perf_counter()
-    tokenizer = BPETokenizer.train(texts, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
-    folder = tokenizer.save(args.out)
+    tokenizer = BPETokenizer.train(texts(), args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
+    if not read["words"]:
+        label = ", ".join(c.label for c in corpora.values())
+        what = f"holds only whitespace ({read['chars']:,} characters)" if read["chars"] else "is empty (no text found)"
+        raise DataError(f"{label}: {what}; give text to learn the vocabulary from")
+    with atomic_dir(folder) as tmp:
+        tokenizer.save(tmp)
     print(f"trained {tokenizer.describe()} in {time.perf_counter() - start:.1f}s -> {folder}")
     print(f"use it with: kiln prepare DATA --tokenizer bpe:{folder} --out DIR")
 
@@ -491,6 +512,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from kiln.device import pick_device, set_threads
     from kiln.generate.sampling import print_stream, stream_text
 
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples {args.num_samples} must be at least 1")
     set_threads(None)
     checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
     if checkpoint.tokenizer is None:
@@ -559,6 +582,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (arrow keys and history at the prompt)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused by the chat, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     sampling = sampling_settings(args, seed=args.seed)
     device = pick_device(args.device)
     session = ChatSession.from_checkpoint(args.checkpoint, system=args.system, sampling=sampling, device=device)
@@ -582,6 +607,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from kiln.serve.run import serve
 
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: give a port from 1 to 65535")
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise ConfigError(f"--runs {args.runs}: no such folder; give the folder that holds your run folders")
     adapters = {}
     for pair in args.adapter:
         name, sep, path = pair.partition("=")
@@ -608,6 +637,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from kiln.device import set_threads
     from kiln.evaluate.run import evaluate
 
+    if args.stride is not None and args.stride < 1:
+        raise ConfigError(f"--stride {args.stride} must be at least 1")
     set_threads(None)
     evaluate(
         args.checkpoint,
@@ -625,10 +656,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    from kiln.atomic import refuse_to_replace
     from kiln.checkpoint import is_adapter, load_checkpoint, save_checkpoint
 
     if not is_adapter(args.adapter):
         raise KilnError(f"{args.adapter}: not a Kiln LoRA adapter folder (its config.json says otherwise)")
+    refuse_to_replace(Path(args.out), args.force)
     checkpoint = load_checkpoint(args.adapter, base=args.base)
     info = {k: v for k, v in checkpoint.info.items() if k in ("template", "finetune")}
     folder = save_checkpoint(args.out, checkpoint.model, checkpoint.tokenizer, info=info)
@@ -742,8 +775,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
+        why = e.strerror or e
+        if isinstance(e, FileExistsError) and e.filename and Path(e.filename).is_file():
+            why = "is a file, where a folder should be"
         print(
-            f"kiln: error{who}: {where}{e.strerror or e}; check the path, its permissions and the free disk space",
+            f"kiln: error{who}: {where}{why}; check the path, its permissions and the free disk space",
             file=sys.stderr,
         )
         return EXIT_USER_ERROR

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from collections.abc import Callable, Generator, Iterable
 
@@ -258,8 +259,17 @@ def chat_loop(
             if interactive:
                 out()  # end the prompt's line
             return
+        undecodable = re.search("[\udc80-\udcff]", line)  # bytes that are not UTF-8, as stdin escapes them
+        if undecodable:
+            line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         if not interactive:
             out(USER_PROMPT + line)
+        if undecodable:
+            out(
+                f"not sent: this line is not UTF-8 text (byte 0x{ord(undecodable.group()) - 0xDC00:02X}); "
+                "set the terminal, or save the file, as UTF-8"
+            )
+            continue
         if not line.strip():
             continue
         try:

@@ -25,6 +25,8 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
         if self.temperature < 0:
             raise ConfigError(f"--temperature {self.temperature} must be 0 (greedy) or more")
         if self.top_k is not None and self.top_k < 1:
