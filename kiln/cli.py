@@ -611,6 +611,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port {args.port}: give a port from 1 to 65535")
     if args.runs is not None and not Path(args.runs).is_dir():
         raise ConfigError(f"--runs {args.runs}: no such folder; give the folder that holds your run folders")
+    _check_listening(args.host, args.port)
     adapters = {}
     for pair in args.adapter:
         name, sep, path = pair.partition("=")
@@ -631,6 +632,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
         threads=args.threads,
         stream_interval_ms=args.stream_interval,
     )
+
+
+def _check_listening(host: str, port: int) -> None:
+    """Bind --host:--port once before loading any model, as uvicorn will: a name that does not resolve or
+    a port in use is one line now, not uvicorn's log line after the models have loaded."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConfigError(
+            f"--host {host}: not an address of this machine ({e.strerror}); try 127.0.0.1 or 0.0.0.0"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(
+                f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); "
+                "another program may be using it, so choose another --port (or --host)"
+            ) from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import stat
 import string
 import subprocess
@@ -198,6 +199,11 @@ class Place:
         """A run folder, whose last/ checkpoint must not be there afterwards."""
         self.outputs.append(under / name / "last")
         return str(under / name)
+
+    def port_in_use(self) -> str:
+        """A port another program listens on (until the test ends)."""
+        self.listening = socket.create_server(("127.0.0.1", 0))
+        return str(self.listening.getsockname()[1])
 
     def device(self, name: str) -> str:
         """A character device like /dev/full (as root), or a named pipe: no file to replace."""
@@ -522,6 +528,14 @@ BAD_INPUTS = {
         ["full: is a device, pipe or socket"],
     ),
     "serve: --port 70000": (lambda p: ["serve", str(p.made.ckpt), "--port", "70000"], ["give a port from 1 to 65535"]),
+    "serve: --port in use": (
+        lambda p: ["serve", str(p.made.ckpt), "--port", p.port_in_use()],
+        ["cannot listen on 127.0.0.1:", "Address already in use", "choose another --port"],
+    ),
+    "serve: --host that does not resolve": (
+        lambda p: ["serve", str(p.made.ckpt), "--host", "no such host!"],
+        ["--host no such host!: not an address of this machine"],
+    ),
     "serve: --runs missing": (
         lambda p: ["serve", str(p.made.ckpt), "--runs", str(p.root / "nope")],
         ["--runs", "nope: no such folder"],
