@@ -260,7 +260,7 @@ def open_corpus(
         return {"all": PythonDocs(label=dataset.name, options=options)}
     if dataset.format == "tokenizer":
         raise DataError(f"'{dataset.name}' is a tokenizer's files, not text; use it with --tokenizer gpt2")
-    if dataset.format == "instructions" and not options.text_field:
+    if dataset.format in ("instructions", "preferences") and not options.text_field:
         raise DataError(
             f"'{dataset.name}' is an instruction data set (records, not running text): fine-tune on it, "
             "or pass --text-field output to read one field of each record as text"

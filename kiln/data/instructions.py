@@ -88,7 +88,8 @@ def detect_format(record: dict, where: str) -> Format:
     raise DataError(f"{where}: fields {sorted(record)} match no instruction format; accepted formats: {accepted}")
 
 
-def _text(record: dict, key: str, where: str, required: bool = True) -> str:
+def record_text(record: dict, key: str, where: str, required: bool = True) -> str:
+    """The text field `key` of a record, or a DataError naming the record and the field."""
     value = record.get(key)
     if value is None or (isinstance(value, str) and not value.strip() and required):
         if required:
@@ -112,13 +113,13 @@ def to_conversation(record: dict, fmt: Format, where: str) -> Conversation:
     if fmt.name == "chat":
         return _chat_conversation(record, where)
     if fmt.name == "qa":
-        prompt, context, response = _text(record, "question", where), "", _text(record, "answer", where)
+        prompt, context, response = record_text(record, "question", where), "", record_text(record, "answer", where)
     elif fmt.name == "alpaca":
-        prompt, response = _text(record, "instruction", where), _text(record, "output", where)
-        context = _text(record, "input", where, required=False)
+        prompt, response = record_text(record, "instruction", where), record_text(record, "output", where)
+        context = record_text(record, "input", where, required=False)
     else:  # dolly, qa-instruction
-        prompt, response = _text(record, "instruction", where), _text(record, "response", where)
-        context = _text(record, "context", where, required=False)
+        prompt, response = record_text(record, "instruction", where), record_text(record, "response", where)
+        context = record_text(record, "context", where, required=False)
     return Conversation([Message("user", prompt, context), Message("assistant", response)], where)
 
 
@@ -173,18 +174,23 @@ class InstructionData:
         Val and test take their rounded-down share; train takes the rest, so no example is lost. Exact
         duplicates are dropped first, so that no held-out example is also a training one.
         """
-        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise DataError(f"split fractions {fractions} should be three non-negative numbers adding up to 1")
-        unique = self.unique_conversations()
-        order = np.random.default_rng(seed).permutation(len(unique))
-        n = len(order)
-        n_val, n_test = int(n * fractions[1]), int(n * fractions[2])
-        n_train = n - n_val - n_test
-        pick = [unique[i] for i in order]
-        return {"train": pick[:n_train], "val": pick[n_train : n_train + n_val], "test": pick[n_train + n_val :]}
+        return split_records(self.unique_conversations(), fractions, seed)
 
 
-def _records(path: Path) -> Iterator[tuple[object, str]]:
+def split_records(records: list, fractions: tuple[float, float, float] = (0.85, 0.10, 0.05), seed: int = 123) -> dict:
+    """`records` shuffled by `seed` and cut into train/val/test: val and test take their rounded-down
+    share, train the rest. Two files of the same number of records are cut at the same places."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise DataError(f"split fractions {fractions} should be three non-negative numbers adding up to 1")
+    order = np.random.default_rng(seed).permutation(len(records))
+    n = len(order)
+    n_val, n_test = int(n * fractions[1]), int(n * fractions[2])
+    n_train = n - n_val - n_test
+    pick = [records[i] for i in order]
+    return {"train": pick[:n_train], "val": pick[n_train : n_train + n_val], "test": pick[n_train + n_val :]}
+
+
+def read_records(path: Path) -> Iterator[tuple[object, str]]:
     """(record, 'file:line') for a JSON array file or a JSONL file (UTF-8, a BOM dropped)."""
     raw = path.read_bytes()
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
@@ -226,7 +232,7 @@ def instruction_file(spec: str | os.PathLike, data_dir: str | os.PathLike | None
         return path
     if str(spec) in DATASETS:
         dataset = get_dataset(str(spec))
-        if dataset.format != "instructions":
+        if dataset.format not in ("instructions", "preferences"):  # preference records are instructions too
             raise DataError(f"'{dataset.name}' is running text, not instruction records; pretrain on it instead")
         return resolve_dataset(dataset, data_dir)["text"]
     if path.exists():
@@ -243,7 +249,7 @@ def load_instructions(
         raise DataError(f"--format {format}: choose one of {', '.join(FORMAT_NAMES)}")
     path = instruction_file(spec, data_dir)
     conversations, chosen = [], None
-    for record, where in _records(path):
+    for record, where in read_records(path):
         if chosen is None:
             chosen = detect_format(record, where)
             if format is not None and not chosen.name.startswith(format):

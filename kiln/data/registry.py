@@ -29,7 +29,7 @@ class DataSet:
     name: str
     description: str
     license: str
-    format: str  # text | instructions | tokenizer | builtin
+    format: str  # text | instructions | preferences | tokenizer | builtin
     files: dict[str, RemoteFile] = field(default_factory=dict)
     # For archives: role -> member path inside the file with role "archive".
     members: dict[str, str] = field(default_factory=dict)
@@ -152,6 +152,22 @@ DATASETS: dict[str, DataSet] = {
                     (f"{_LLMS}/ch07/01_main-chapter-code/instruction-data.json",),
                     203524,
                     "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+                )
+            },
+        ),
+        DataSet(
+            name="instruction-data-with-preference",
+            description="The same 1,100 instructions with a polite chosen and a rude rejected answer (ch. 7, DPO)",
+            license="Apache-2.0",
+            format="preferences",
+            records=1100,
+            homepage="https://github.com/rasbt/LLMs-from-scratch",
+            files={
+                "text": RemoteFile(
+                    "instruction-data-with-preference.json",
+                    (f"{_LLMS}/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",),
+                    386968,
+                    "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
                 )
             },
         ),

@@ -52,7 +52,8 @@ def test_registry_checksums_match_the_shared_manifest(mirror):
                 assert f.sha256 == published[f.path], f.path
                 assert (mirror / f.path).stat().st_size == f.size
                 checked += 1
-    assert checked == 7  # tinyshakespeare, the-verdict, wikitext-2 (2 files), instruction-data, gpt2 (2 files)
+    # tinyshakespeare, the-verdict, wikitext-2 (2 files), instruction-data (plain and with preferences), gpt2 (2 files)
+    assert checked == 8
     assert get_dataset("dolly-15k").files["text"].sha256 in manifest
     assert get_dataset("dolly-15k").files["text"].size == 13_085_339
 
@@ -67,6 +68,7 @@ def test_every_data_set_the_issue_names_is_registered():
         "alpaca",
         "dolly-15k",
         "instruction-data",
+        "instruction-data-with-preference",
         "python-docs",
     ]:
         dataset = get_dataset(name)
