@@ -18,6 +18,7 @@ import numpy as np
 from kiln.data.corpus import Corpus, ReadOptions, open_corpus
 from kiln.data.fetch import cache_dir
 from kiln.data.instructions import Conversation, InstructionData, detect_format
+from kiln.data.preferences import is_preference_record
 from kiln.data.prepare import scan
 from kiln.data.prepared import PreparedCorpus, is_prepared_dir
 from kiln.data.registry import DATASETS
@@ -55,6 +56,19 @@ def is_instruction_data(spec: str | os.PathLike, text_field: str | None = None) 
             return False  # JSONL of {"text": ...}: running text
         raise DataError(f"{e}; or, for running text, name its field with --text-field") from None
     return True
+
+
+def is_preference_data(spec: str | os.PathLike, text_field: str | None = None) -> bool:
+    """True for a preference data set's name, or a .json/.jsonl file whose first record has `chosen` and
+    `rejected` answers (such records may be instructions too: as pairs they are scored as pairs)."""
+    if text_field:
+        return False
+    if str(spec) in DATASETS and not Path(spec).exists():
+        return DATASETS[str(spec)].format == "preferences"
+    path = Path(spec).expanduser()
+    if not path.is_file() or path.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    return is_preference_record(_first_record(path))
 
 
 def _first_record(path: Path) -> object:

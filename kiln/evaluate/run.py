@@ -1,6 +1,6 @@
 """What `kiln evaluate` does: load a checkpoint, score it on running text (loss, perplexity, bits per
-byte) or on instruction data (generated answers against references), write the scores as JSONL beside
-the checkpoint, and print a summary table."""
+byte), on instruction data (generated answers against references) or on preference pairs (which answer
+it finds more likely), write the scores as JSONL beside the checkpoint, and print a summary table."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.atomic import atomic_file
-from kiln.checkpoint import Checkpoint, load_checkpoint, read_info
+from kiln.checkpoint import Checkpoint, is_adapter, is_checkpoint, load_checkpoint, read_info
 from kiln.data.instructions import load_instructions
+from kiln.data.preferences import load_preferences, preference_split
 from kiln.data.templates import get_template
 from kiln.device import pick_device
 from kiln.errors import ConfigError
@@ -25,10 +26,12 @@ from kiln.evaluate.data import (
     find_prepared,
     instruction_split,
     is_instruction_data,
+    is_preference_data,
     prepared_split,
     reads_ids_of,
 )
 from kiln.evaluate.perplexity import corpus_metrics, token_metrics
+from kiln.evaluate.preferences import score_pairs
 from kiln.evaluate.responses import answer_loss, score_responses, summarize
 from kiln.progress import progress_bar
 
@@ -52,6 +55,7 @@ def evaluate(
     checkpoint folder).
 
     Instruction data: answers to `split` (default test) generated greedily, at most `limit` examples.
+    Preference pairs: preference accuracy and margins on `split` (default test), at most `limit` pairs.
     Running text: loss, perplexity and bits per byte of `split` (default val), at most `limit` characters,
     in windows moving by `stride` tokens (default: no overlap).
     """
@@ -63,9 +67,12 @@ def evaluate(
     if checkpoint.tokenizer is None:
         raise ConfigError(f"{checkpoint_path}: has no tokenizer/ folder, so it cannot read text; give another")
     data = data if data is not None else _finetune_data(checkpoint, checkpoint_path)
-    instructions = is_instruction_data(data, text_field)
+    preferences = is_preference_data(data, text_field)
+    instructions = preferences or is_instruction_data(data, text_field)
     split = split or ("test" if instructions else "val")
-    if instructions:
+    if preferences:
+        result, rows = _evaluate_preferences(checkpoint, data, data_dir, split, limit, base, device)
+    elif instructions:
         result, rows = _evaluate_instructions(checkpoint, data, data_dir, split, limit, max_new_tokens)
     else:
         result = _evaluate_text(checkpoint, data, data_dir, split, limit, stride, text_field)
@@ -146,6 +153,36 @@ def _evaluate_instructions(
     }, records
 
 
+def _evaluate_preferences(
+    checkpoint: Checkpoint,
+    data: str | os.PathLike,
+    data_dir: str | os.PathLike | None,
+    split: str,
+    limit: int | None,
+    base: str | os.PathLike | None,
+    device: str,
+) -> tuple[dict, list[dict]]:
+    """Preference accuracy and margins on `split` of preference pairs, split as DPO split them; for a
+    DPO-tuned checkpoint also the implicit rewards against its reference (its base, or `base`)."""
+    tuned = checkpoint.info.get("finetune") or {}
+    pairs = preference_split(load_preferences(data, data_dir), split, tuned.get("split_seed", DEFAULT_SPLIT_SEED))
+    reference = None
+    if tuned.get("method") == "dpo":
+        folder = base or tuned.get("base")
+        if folder and (is_checkpoint(folder) or is_adapter(folder)):
+            reference = load_checkpoint(folder, pick_device(device)).model
+            # grown as DPO grew it: new vocabulary rows start at the mean of the old ones
+            reference.resize_vocab(checkpoint.model.config.vocab_size)
+            reference.resize_context(checkpoint.model.config.block_size)
+        else:
+            print(f"note: {folder}, the model DPO started from, is not there: no reward margins (name it with --base)")
+    template = get_template(checkpoint.info.get("template"))
+    result, records = score_pairs(
+        checkpoint.model, checkpoint.tokenizer, template, pairs[:limit], reference, tuned.get("beta", 1.0)
+    )
+    return {"kind": "preferences", "template": template.name, **result}, records
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
@@ -164,6 +201,16 @@ def print_summary(result: dict, console: Console | None = None) -> None:
         table.add_row("loss (nats/token)", f"{result['loss']:.4f}")
         table.add_row("perplexity", f"{result['perplexity']:.2f}")
         table.add_row("bits per byte", f"{result['bits_per_byte']:.4f}")
+    elif result["kind"] == "preferences":
+        table.add_row("pairs", f"{result['pairs']:,}")
+        if result["reference"]:
+            table.add_row("preference accuracy (reward margin > 0)", f"{result['preference_accuracy']:.1%}")
+            table.add_row(f"mean reward margin (beta {result['beta']:g})", f"{result['mean_margin']:.3f}")
+            table.add_row("DPO loss", f"{result['dpo_loss']:.4f}")
+        likelier = "chosen answer likelier" if result["reference"] else "preference accuracy (chosen likelier)"
+        table.add_row(likelier, f"{result['chosen_likelier']:.1%}")
+        table.add_row("mean log-prob margin (nats)", f"{result['mean_logprob_margin']:.3f}")
+        table.add_row("template", result["template"])
     else:
         table.add_row("examples", f"{result['examples']:,}")
         table.add_row("ROUGE-L (F, mean)", f"{result['rouge_l']:.4f}")
