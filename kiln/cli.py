@@ -76,8 +76,15 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     return p
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A mistyped command line is one line, like every other user error, with where to read more."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"kiln: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="kiln",
         description="Kiln: from raw text to your own chatbot.",
         epilog="Run `kiln COMMAND --help` for a command's options.",
@@ -160,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(sa)
 
     ft = commands.add_parser(
-        "finetune", parents=common, help="fine-tune a checkpoint to follow instructions (full or LoRA)"
+        "finetune",
+        parents=common,
+        help="fine-tune a checkpoint to follow instructions, or to prefer chosen answers (DPO); full or LoRA",
     )
     ft.add_argument("base", nargs="?", help="the checkpoint to start from, e.g. RUN_DIR/best (or use --init-from)")
     ft.add_argument(
@@ -168,7 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="gpt2|distilgpt2|PATH",
         help="start from a Hub id or Hugging Face folder (imported into OUT/base) or a Kiln checkpoint",
     )
-    ft.add_argument("--data", required=True, help="instruction data: a data-set name or a .json/.jsonl file")
+    ft.add_argument(
+        "--data", required=True, help="instruction data or (DPO) preference pairs: a data-set name or .json/.jsonl"
+    )
+    ft.add_argument(
+        "--method",
+        choices=["sft", "dpo"],
+        default="sft",
+        help="sft: learn the answers (default); dpo: prefer the chosen to the rejected answers of pairs",
+    )
+    ft.add_argument("--beta", type=float, help="DPO: how far the model may move from where it starts (default 0.1)")
     ft.add_argument("--format", choices=["alpaca", "dolly", "qa", "chat"], help="record format (default: detected)")
     ft.add_argument("--template", choices=["alpaca", "chat"], help="prompt template (default: chat for chat data)")
     ft.add_argument("--out", required=True, help="run folder: best/ (checkpoint or adapter), metrics.jsonl")
@@ -531,7 +549,7 @@ def cmd_finetune(args: argparse.Namespace) -> int | None:
     if _relaunched(args):
         return args.exit_code
     from kiln.config import parse_overrides
-    from kiln.finetune.run import finetune_and_report
+    from kiln.finetune.run import finetune_and_report, preference_tune_and_report
     from kiln.model.lora import LoraSettings
     from kiln.train.run import parse_duration
 
@@ -551,9 +569,18 @@ def cmd_finetune(args: argparse.Namespace) -> int | None:
     if args.lora_r is not None:
         lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     base = _finetune_base(args)
-    best = finetune_and_report(
-        base, args.data, Path(args.out), settings, lora, args.format, args.data_dir, resume=args.resume
-    )
+    if args.method == "dpo":
+        if args.format:
+            raise ConfigError("--format: preference pairs have one format (prompt or instruction, chosen, rejected)")
+        if args.beta is not None:
+            settings["beta"] = args.beta
+        best = preference_tune_and_report(base, args.data, Path(args.out), settings, lora, args.data_dir, args.resume)
+    elif args.beta is not None:
+        raise ConfigError("--beta is DPO's setting; add --method dpo")
+    else:
+        best = finetune_and_report(
+            base, args.data, Path(args.out), settings, lora, args.format, args.data_dir, resume=args.resume
+        )
     print(f"\nchat with it: kiln chat {best}")
 
 

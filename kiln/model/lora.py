@@ -8,7 +8,9 @@ so the model can learn to emit them; every other base weight stays frozen.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -79,6 +81,17 @@ def merge_lora(peft_model: nn.Module) -> GPT:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft_model.merge_and_unload()
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within it a peft model computes what its base does (adapters and trainable token rows off), from
+    the same weights in memory; any other model is just itself."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

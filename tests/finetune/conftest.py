@@ -1,4 +1,4 @@
-"""A tiny base checkpoint and a tiny instruction set, made in a second."""
+"""A tiny base checkpoint, a tiny instruction set and a tiny preference set, made in a second."""
 
 from __future__ import annotations
 
@@ -48,5 +48,32 @@ def instruction_file(tmp_path):
     ]
     records.append({"instruction": "What is 2 plus 2?", "input": "", "output": "4"})
     path = tmp_path / "instructions.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+# Polite and rude answers in three styles each; the rude ones are shorter, so a model that only counts
+# characters finds them likelier, and what DPO must learn is the style.
+POLITE = (
+    "Thank you for asking: the {w} is lovely.",
+    "Happy to help. A {w} is a fine thing.",
+    "Good question! I like {w}s.",
+)
+RUDE = ("Ugh. {W}.", "No. {W}!", "Whatever, {w}.")
+
+
+@pytest.fixture
+def preference_file(tmp_path):
+    """Forty preference pairs, one per word, in the base's own characters: a polite chosen answer and
+    a rude rejected one, in three styles that the val pairs share with the training pairs."""
+    records = [
+        {
+            "instruction": f"Tell me about the {word}.",
+            "chosen": POLITE[i % 3].format(w=word),
+            "rejected": RUDE[i % 3].format(w=word, W=word.capitalize()),
+        }
+        for i, word in enumerate(WORDS)
+    ]
+    path = tmp_path / "preferences.json"
     path.write_text(json.dumps(records))
     return path
