@@ -808,3 +808,39 @@ def test_a_failed_write_names_the_output_not_its_temporary_copy(tmp_path, raised
         raise raised(tmp)
     assert failure.value.filename == str(target) and failure.value.strerror == reason
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["serve", "x", "--port", "abc"], "argument --port: invalid int value: 'abc' (see kiln serve --help)"),
+        (["train"], "the following arguments are required: --data, --out (see kiln train --help)"),
+        (["frob"], "invalid choice: 'frob'"),
+    ],
+)
+def test_a_mistyped_command_line_is_one_line_saying_where_to_look(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert_one_line(2, capsys.readouterr().err, fragment)
+
+
+def test_the_metrics_log_is_cut_back_on_resume_by_swapping_in_a_whole_file(tmp_path, monkeypatch):
+    from kiln.train import metrics
+
+    log = tmp_path / metrics.METRICS_FILE
+    log.write_text("".join(json.dumps({"step": step, "val_loss": 1.0}) + "\n" for step in (0, 10, 20)))
+    before = log.read_text()
+
+    def killed(self, text, *args, **kwargs):  # the process dies halfway through writing the cut log
+        with open(self, "w") as f:
+            f.write(text[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        metrics.MetricsLog(tmp_path, step=10)
+    monkeypatch.undo()
+    assert log.read_text() == before and [p.name for p in tmp_path.iterdir()] == [metrics.METRICS_FILE]
+    metrics.MetricsLog(tmp_path, step=10)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 10]

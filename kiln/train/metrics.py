@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kiln.atomic import atomic_file
 from kiln.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,8 +33,11 @@ class MetricsLog:
             self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=step or None)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the log, not just the errno
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self.writer is not None:
             for name, value in record.items():
                 if name != "step" and isinstance(value, int | float):
@@ -64,4 +68,6 @@ def _truncate(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step] if step else []
-    path.write_text("".join(line + "\n" for line in kept))
+    # Swapped in whole: a kill while it is rewritten must not leave the log empty or cut.
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
