@@ -71,3 +71,23 @@ def test_sigterm_and_ctrl_c_finish_the_step_save_and_say_how_to_resume(tmp_path,
     assert records(out) == records(tmp_path / "straight")
     a, b = (load_checkpoint(folder / "last").model.state_dict() for folder in (out, tmp_path / "straight"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_still_resumes(tmp_path, mirror):
+    env = {**os.environ, "KILN_QUIET": "1"}
+    straight = subprocess.run(command(tmp_path / "straight", "adamw", False), env=env, capture_output=True)
+    assert straight.returncode == 0
+    out = tmp_path / "stopped"
+    run = subprocess.Popen(command(out, "adamw", False), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "last").exists() and time.time() < deadline:  # it is training
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.01)  # within the step it was asked to finish, or the save after it
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and err.decode().strip().splitlines()[-1] == "kiln: interrupted", err.decode()
+    assert 0 < resumable_step(out / "last") < 300  # the checkpoint from before, or the one just saved: whole
+    resumed = subprocess.run(command(out, "adamw", True), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert records(out) == records(tmp_path / "straight")
