@@ -12,8 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Fuzz tests are deterministic for CI: a fixed seed per test, no example database, no timing limits;
+# each test sets its own max_examples.
+settings.register_profile(
+    "kiln",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("kiln")
 
 
 def _find_mirror() -> Path | None:

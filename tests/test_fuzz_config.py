@@ -12,7 +12,7 @@ import types
 import typing
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kiln.config import apply_settings, parse_overrides, parse_value, read_config_file
@@ -22,19 +22,6 @@ from kiln.generate.sampling import SamplingConfig
 from kiln.model.gpt import GPTConfig
 from kiln.train.engine import TrainConfig
 from kiln.train.optim import OptimConfig
-
-# Deterministic for CI: a fixed seed per test, no example database, no timing limits.
-CI = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-
-
-def fuzz(examples: int) -> settings:
-    return settings(CI, max_examples=examples)
-
 
 PRETRAINING = (GPTConfig, OptimConfig, TrainConfig)
 FINETUNING = (FinetuneConfig, TrainConfig)
@@ -73,7 +60,7 @@ def assert_taken_or_refused(configs: tuple[type, ...], chosen: dict[str, object]
             assert has_the_type(getattr(config, key), hints[key]), (key, getattr(config, key))
 
 
-@fuzz(300)
+@settings(max_examples=300)
 @given(configs=st.sampled_from([PRETRAINING, FINETUNING]), chosen=st.dictionaries(setting_keys, typed_text, max_size=3))
 @example(configs=PRETRAINING, chosen={"n_head": "0"})  # was a ZeroDivisionError
 @example(configs=PRETRAINING, chosen={"lr": "nan"})  # was taken, to train on nan
@@ -82,7 +69,7 @@ def test_set_overrides_are_taken_typed_or_refused(configs, chosen):
     assert_taken_or_refused(configs, chosen)
 
 
-@fuzz(300)
+@settings(max_examples=300)
 @given(
     configs=st.sampled_from([PRETRAINING, FINETUNING]), chosen=st.dictionaries(setting_keys, file_values, max_size=3)
 )
@@ -93,7 +80,7 @@ def test_config_file_values_are_taken_typed_or_refused(configs, chosen):
     assert_taken_or_refused(configs, chosen)
 
 
-@fuzz(200)
+@settings(max_examples=200)
 @given(
     pairs=st.lists(st.text(max_size=12) | st.sampled_from(["n_layer=6", "=6", "lr", " lr = 3e-4 ", "a==b"]), max_size=4)
 )
@@ -106,7 +93,7 @@ def test_set_pairs_split_or_are_refused(pairs):
     assert all(isinstance(k, str) and k and isinstance(v, str) for k, v in split.items())
 
 
-@fuzz(200)
+@settings(max_examples=200)
 @given(key=st.sampled_from([f.name for f in dataclasses.fields(SamplingConfig)]), text=typed_text)
 @example(key="temperature", text="nan")  # was taken, and sampled from nan probabilities
 def test_chat_set_values_are_typed_or_refused(key, text):
@@ -124,7 +111,7 @@ def toml_line(key: str, value: object) -> str:
     return f"{json.dumps(key)} = {json.dumps(value)}"  # a JSON string or number is also TOML
 
 
-@fuzz(150)
+@settings(max_examples=150)
 @given(
     suffix=st.sampled_from([".toml", ".json"]),
     content=st.one_of(

@@ -8,24 +8,11 @@ import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kiln.data.corpus import ReadOptions, open_corpus
 from kiln.errors import DataError
-
-# Deterministic for CI: a fixed seed per test, no example database, no timing limits.
-CI = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-
-
-def fuzz(examples: int) -> settings:
-    return settings(CI, max_examples=examples)
-
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
@@ -60,7 +47,7 @@ def assert_read_or_refused(path, options: ReadOptions) -> None:
     assert all(isinstance(d, str) for d in documents)
 
 
-@fuzz(200)
+@settings(max_examples=200)
 @given(
     lines=records,
     how=st.sampled_from(["as written", "truncate", "byte"]),
@@ -96,7 +83,7 @@ def test_jsonl_past_python_limits_is_a_data_error(tmp_path):
         assert read(path, ReadOptions(skip_bad_lines=True)) == good
 
 
-@fuzz(25)  # each read goes through the `datasets` library: slower
+@settings(max_examples=25)  # each read goes through the `datasets` library: slower
 @given(
     suffix=st.sampled_from([".json", ".csv", ".parquet"]),
     rows=st.lists(st.dictionaries(st.sampled_from(["text", "body"]), cells, min_size=1), min_size=1, max_size=4),

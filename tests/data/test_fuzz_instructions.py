@@ -8,24 +8,11 @@ import json
 import re
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kiln.data.instructions import FORMAT_NAMES, ROLES, InstructionData, Message, load_instructions
 from kiln.errors import DataError
-
-# Deterministic for CI: a fixed seed per test, no example database, no timing limits.
-CI = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-
-
-def fuzz(examples: int) -> settings:
-    return settings(CI, max_examples=examples)
-
 
 # Characters that str.splitlines() takes for line ends (JSON writes the last few raw) and a BOM.
 LINE_LIKE = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r", "\r\n", "\ufeff"]
@@ -82,7 +69,7 @@ def file_bytes(records: list, layout: str, ascii_only: bool, crlf: bool, bom: bo
     return (b"\xef\xbb\xbf" if bom else b"") + body.encode("utf-8", "surrogatepass")
 
 
-@fuzz(100)
+@settings(max_examples=100)
 @given(
     fmt=st.sampled_from(["alpaca", "dolly", "qa", "chat"]),
     data=st.data(),
@@ -144,7 +131,7 @@ def damaged(raw: bytes, how: str, at: int, byte: int) -> bytes:
 ONE_LINE_ERROR = re.compile(r"[^\n]+")
 
 
-@fuzz(400)
+@settings(max_examples=400)
 @given(
     records=st.lists(malformed_record(), min_size=1, max_size=4),
     layout=st.sampled_from(["json", "jsonl"]),

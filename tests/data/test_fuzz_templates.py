@@ -5,26 +5,13 @@ roles and turns read back from the ids are the conversation's, and only the answ
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kiln.data.instructions import Message
 from kiln.data.templates import ROLE_TOKENS, TEMPLATES, encode_pieces, fit_to_context
 from kiln.data.tokenizers import EOS, CharTokenizer
 from kiln.data.tokenizers.bpe import SPECIAL_TOKENS
-
-# Deterministic for CI: a fixed seed per test, no example database, no timing limits.
-CI = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-
-
-def fuzz(examples: int) -> settings:
-    return settings(CI, max_examples=examples)
-
 
 # What a user might type to forge a turn: every special token's spelling, halves of one, and the
 # Alpaca template's headings.
@@ -55,7 +42,7 @@ def tokenizer_kind(request):
     return request.getfixturevalue("trained_bpe") if request.param == "bpe" else "char"
 
 
-@fuzz(200)
+@settings(max_examples=200)
 @given(
     template=st.sampled_from(sorted(TEMPLATES)),
     messages=conversations(),

@@ -8,26 +8,13 @@ import re
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kiln.data import corpus
 from kiln.data.tokenizers import EOS, CharTokenizer
 from kiln.data.tokenizers.char import UNK, UnknownCharacter
 from kiln.errors import DataError, TokenizerError
-
-# Deterministic for CI: a fixed seed per test, no example database, no timing limits.
-CI = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-
-
-def fuzz(examples: int) -> settings:
-    return settings(CI, max_examples=examples)
-
 
 # Text that is hard on tokenizers: special-token spellings, BOMs, line ends, NUL, joiners, combining
 # marks, astral characters and the line separators that str.splitlines() also splits at.
@@ -76,7 +63,7 @@ def byte_level(request, gpt2, trained_bpe):
     return {"gpt2": gpt2, "bpe": trained_bpe}[request.param]
 
 
-@fuzz(150)
+@settings(max_examples=150)
 @given(text=texts(surrogates=True))
 @example(text="a\ud800b")  # a lone surrogate: bpe raised TypeError, gpt2 silently wrote U+FFFD
 @example(text=f"\ufeffline\r\n{EOS}\u2028")
@@ -95,7 +82,7 @@ def test_byte_level_tokenizers_round_trip_any_text(byte_level, text):
         assert array.tolist() == byte_level.encode(text)
 
 
-@fuzz(150)
+@settings(max_examples=150)
 @given(vocabulary=texts(), text=texts(surrogates=True), unk=st.booleans())
 @example(vocabulary="ab", text="abz", unk=False)
 @example(vocabulary="abc", text="a\ud800", unk=False)
@@ -115,7 +102,7 @@ def test_char_tokenizer_round_trips_or_names_the_unknown_character(vocabulary, t
         assert_names_the_character(raised.value, char)
 
 
-@fuzz(60)
+@settings(max_examples=60)
 @given(ids=st.lists(st.integers(min_value=-(2**70), max_value=2**70), max_size=6))
 @example(ids=[-1])
 @example(ids=[2**40])
@@ -128,7 +115,7 @@ def test_decoding_any_ids_gives_text_or_a_tokenizer_error(gpt2, trained_bpe, ids
             assert "vocabulary" in str(e)
 
 
-@fuzz(100)
+@settings(max_examples=100)
 @given(
     text=texts(),
     encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]),
@@ -152,7 +139,7 @@ def test_text_files_lose_the_bom_and_crlf_but_keep_everything_else(tmp_path_fact
     assert read == raw.replace("\r\n", "\n")[1 if bom else 0 :]
 
 
-@fuzz(40)
+@settings(max_examples=40)
 @given(text=texts())
 def test_tokenizers_keep_the_bom_and_carriage_returns_as_text(gpt2, trained_bpe, text):
     text = "\ufeff" + text + "\r\n"

@@ -119,7 +119,7 @@ def test_stream_text_ends_at_a_stop_string_and_hides_it(mirror, verdict_text):
     assert cut == full[: full.index(stop)]
 
 
-@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@settings(max_examples=300)
 @given(
     text=st.text(alphabet="ab#\n", max_size=24),
     stops=st.lists(st.text(alphabet="ab#\n", min_size=1, max_size=4), max_size=2),
