@@ -163,7 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="stop when this text appears (repeatable; \\n and \\t stand for newline and tab)",
     )
-    sa.add_argument("--num-samples", type=int, default=1)
+    sa.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, decoded as one batch")
+    sa.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        default="fp32",
+        help="weights for decoding: fp32 (exact), bf16 (about 2x faster on CPUs with AVX-512 BF16 or AMX; "
+        "greedy text may differ where two tokens nearly tie), auto (bf16 where it pays)",
+    )
     _add_device(sa)
 
     ft = commands.add_parser(
@@ -528,21 +535,31 @@ def sampling_settings(args: argparse.Namespace, seed: int | None):
 def cmd_sample(args: argparse.Namespace) -> None:
     from kiln.checkpoint import load_checkpoint
     from kiln.device import pick_device, set_threads
-    from kiln.generate.sampling import print_stream, stream_text
+    from kiln.generate.sampling import print_stream, sample_texts, stream_text
+    from kiln.model.packed import decoding_dtype, pack_for_decoding
+    from kiln.progress import progress_bar
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples {args.num_samples} must be at least 1")
     set_threads(None)
-    checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
+    device = pick_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint, device)
     if checkpoint.tokenizer is None:
         raise KilnError(f"{args.checkpoint}: has no tokenizer/ folder, so its output cannot be turned into text")
-    for number in range(args.num_samples):
-        config = sampling_settings(args, seed=None if args.seed is None else args.seed + number)
-        if args.num_samples > 1:
-            print(f"--- sample {number + 1}")
+    model = pack_for_decoding(checkpoint.model, decoding_dtype(args.precision, device, checkpoint.model.config.n_embd))
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    seeds = [None if args.seed is None else args.seed + number for number in range(args.num_samples)]
+    if args.num_samples == 1:
         print(args.prompt, end="", flush=True)
-        stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-        print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, config, stops))
+        print_stream(stream_text(model, checkpoint.tokenizer, args.prompt, sampling_settings(args, seeds[0]), stops))
+        return
+    with progress_bar(f"{args.num_samples} samples", total=args.max_new_tokens, unit="steps") as advance:
+        texts = sample_texts(
+            model, checkpoint.tokenizer, args.prompt, sampling_settings(args, None), seeds, stops, lambda: advance(1)
+        )
+    for number, text in enumerate(texts):
+        print(f"--- sample {number + 1}")
+        print(args.prompt + text)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int | None:

@@ -1,4 +1,5 @@
-"""Turn logits into the next token the way transformers' `generate` does, and stream tokens with a KV cache.
+"""Turn logits into the next token the way transformers' `generate` does, and stream tokens with a KV cache:
+one sequence, or several continuations of one prompt decoded as one batch.
 
 Processing order and definitions follow transformers: repetition penalty, then temperature, top-k and
 top-p. Temperature 0 is greedy: deterministic, no randomness drawn.
@@ -6,7 +7,7 @@ top-p. Temperature 0 is greedy: deterministic, no randomness drawn.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,15 +39,17 @@ class SamplingConfig:
 
 
 def process_logits(logits: torch.Tensor, history: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """Scores for sampling from the last position's logits [B, V], given the tokens so far [B, T]."""
+    """Scores for sampling from the last position's logits [B, V], given the tokens so far [B, T].
+    Greedy (temperature 0) skips top-k and top-p: they never remove the best token, which is all it takes."""
     scores = logits.float()
     if config.repetition_penalty != 1.0 and history.numel():
         seen = scores.gather(1, history)
         # A seen token's score shrinks towards zero from either side, so it becomes less likely.
         seen = torch.where(seen < 0, seen * config.repetition_penalty, seen / config.repetition_penalty)
         scores = scores.scatter(1, history, seen)
-    if config.temperature > 0:
-        scores = scores / config.temperature
+    if config.temperature == 0:
+        return scores
+    scores = scores / config.temperature
     if config.top_k is not None:
         k = min(config.top_k, scores.size(-1))
         kth = torch.topk(scores, k).values[..., -1, None]
@@ -74,24 +77,54 @@ def generate(model, prompt: torch.Tensor, config: SamplingConfig, stop_ids: set[
     The prompt is prefilled into a KV cache and each step feeds one token. When the context is full,
     the cache is rebuilt from the newest half of the window and generation goes on.
     """
+    for tokens in generate_rows(model, prompt, config, [config.seed], stop_ids):
+        yield tokens[0]
+
+
+@torch.no_grad()
+def generate_rows(
+    model, prompt: torch.Tensor, config: SamplingConfig, seeds: list[int | None], stop_ids: set[int] | None = None
+) -> Iterator[list[int | None]]:
+    """Continue one prompt [1, T] len(seeds) times at once, the continuations decoded as one batch (rows
+    of one KV cache): yield each step's new token of every row, None for a row that has met a stop id.
+    Ends when every row has stopped, or after max_new_tokens.
+
+    Row i is `generate` with seed seeds[i]: the prompt is prefilled once and copied to every row, and
+    each row draws from its own generator, so its random numbers are the ones a run of its own draws.
+    Its logits equal a run of its own up to float rounding (a batch's matrix products add in another
+    order), so the texts are the same unless two tokens' scores are within that rounding.
+    """
     model.eval()
-    generator = torch.Generator(device=prompt.device).manual_seed(config.seed) if config.seed is not None else None
-    block = model.config.block_size
+    block, rows = model.config.block_size, len(seeds)
+    generators = [
+        torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None for seed in seeds
+    ]
     tokens = prompt[:, -block:]
-    cache = KVCache.for_model(model, batch_size=1)
-    logits = model.decode(tokens, cache)
-    history = prompt
-    for _ in range(config.max_new_tokens):
-        token = next_token(process_logits(logits[:, -1], history, config), config, generator)
+    first = KVCache.for_model(model, batch_size=1, max_len=min(block, tokens.shape[1] + config.max_new_tokens))
+    logits = model.decode(tokens, first)[:, -1]
+    cache = first.repeat(rows) if rows > 1 else first
+    logits, history = logits.expand(rows, -1), prompt.expand(rows, -1)
+    stopped = [False] * rows
+    for step in range(config.max_new_tokens):
+        scores = process_logits(logits, history, config)
+        if config.temperature == 0 or rows == 1:
+            token = next_token(scores, config, generators[0])
+        else:
+            token = torch.cat([next_token(scores[i : i + 1], config, g) for i, g in enumerate(generators)])
         history = torch.cat([history, token], dim=1)
-        yield int(token)
-        if stop_ids and int(token) in stop_ids:
+        ids = token[:, 0].tolist()
+        yield [None if done else t for t, done in zip(ids, stopped, strict=True)]
+        if stop_ids:
+            stopped = [done or t in stop_ids for t, done in zip(ids, stopped, strict=True)]
+            if all(stopped):
+                return
+        if step == config.max_new_tokens - 1:
             return
         if cache.length == block:
             cache.reset()
-            logits = model.decode(history[:, -(block // 2) :], cache)
+            logits = model.decode(history[:, -(block // 2) :], cache)[:, -1]
         else:
-            logits = model.decode(token, cache)
+            logits = model.decode(token, cache)[:, -1]
 
 
 class TextStream:
@@ -143,13 +176,9 @@ def stream_text(
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` (text, or token ids) as text, piece by piece, ending at EOS or
     a stop string (see TextStream)."""
-    ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [
-        tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    ]
-    device = next(model.parameters()).device
     stream = TextStream(tokenizer, stop)
     stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
-    for token in generate(model, torch.tensor([ids], device=device), config, stop_ids=stop_ids):
+    for token in generate(model, _prompt_tensor(model, tokenizer, prompt), config, stop_ids=stop_ids):
         if token == tokenizer.eos_id:
             break
         if piece := stream.add(token):
@@ -158,6 +187,44 @@ def stream_text(
             return
     if rest := stream.finish():
         yield rest
+
+
+def sample_texts(
+    model,
+    tokenizer,
+    prompt: str | list[int],
+    config: SamplingConfig,
+    seeds: list[int | None],
+    stop: list[str] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> list[str]:
+    """One continuation of `prompt` per seed, decoded as one batch (`generate_rows`): text i is what
+    `stream_text` shows with seed seeds[i], ending at EOS or a stop string. `on_step` is called per step."""
+    streams = [TextStream(tokenizer, stop) for _ in seeds]
+    done = [False] * len(seeds)
+    stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
+    for tokens in generate_rows(model, _prompt_tensor(model, tokenizer, prompt), config, seeds, stop_ids):
+        for token, stream, row in zip(tokens, streams, range(len(seeds)), strict=True):
+            if done[row] or token is None or token == tokenizer.eos_id:
+                done[row] = True
+                continue
+            stream.add(token)
+            done[row] = stream.stopped
+        if on_step:
+            on_step()
+        if all(done):
+            break
+    for stream in streams:
+        stream.finish()
+    return [stream.shown for stream in streams]
+
+
+def _prompt_tensor(model, tokenizer, prompt: str | list[int]) -> torch.Tensor:
+    """[1, T] ids of `prompt` (text, or ids) on the model's device; an empty prompt starts from EOS."""
+    ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [
+        tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    ]
+    return torch.tensor([ids], device=next(model.parameters()).device)
 
 
 def stream_reply(

@@ -140,8 +140,9 @@ class Attention(nn.Module):
         q, k, v = self._project(x, rope)
         past, T = cache.length, x.shape[1]
         k, v = self._expand_kv(*cache.update(layer, k, v))
-        # New queries sit at positions past..past+T-1 and see every key up to their own position.
-        mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        # New queries sit at positions past..past+T-1 and see every key up to their own position; one
+        # new query sees them all, so a step needs no mask.
+        mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
     def decode_rows(self, x: torch.Tensor, rope, cache: SlotCache, layer: int, rows, positions) -> torch.Tensor:

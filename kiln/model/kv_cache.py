@@ -42,6 +42,19 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat(self, batch_size: int) -> KVCache:
+        """A cache of `batch_size` rows, each holding this one-row cache's positions so far."""
+        copy = KVCache.__new__(KVCache)
+        copy.max_len, copy.length = self.max_len, self.length
+        n_layer, _, kv_heads, max_len, head_dim = self.k.shape
+        shape = (n_layer, batch_size, kv_heads, max_len, head_dim)
+        # Positions past `length` are never read (update returns the filled ones), so they need no zeros.
+        copy.k = torch.empty(shape, dtype=self.k.dtype, device=self.k.device)
+        copy.v = torch.empty(shape, dtype=self.v.dtype, device=self.v.device)
+        copy.k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
+        copy.v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
+        return copy
+
     def advance(self, steps: int) -> None:
         self.length += steps
 
