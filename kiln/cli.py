@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-iters", type=int, help="stop after this many optimizer steps")
     tr.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
     tr.add_argument("--max-time", help="stop after this long, e.g. 90s, 3m, 1h")
-    tr.add_argument("--epochs", type=float, help="stop after this many times the train split's tokens")
+    tr.add_argument(
+        "--epochs", type=float, help="passes over the train split's non-overlapping windows, reshuffled each epoch"
+    )
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ checkpoint")
     _add_device(tr)
     _add_processes(tr)

@@ -20,9 +20,16 @@ def _check_long_enough(tokens: np.ndarray, block_size: int, label: str) -> None:
         )
 
 
-def _gather(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def windows_at(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (input, target) windows of `block_size` tokens starting at `starts`, target shifted by one."""
     windows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
     return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+
+
+def stride_starts(length: int, block_size: int, stride: int | None = None) -> np.ndarray:
+    """Offsets 0, stride, 2*stride, ... of the windows (with their next-token target) that fit in
+    `length` tokens, as LLMs-from-scratch cuts them; stride defaults to the block size."""
+    return np.arange(0, length - block_size, stride or block_size)
 
 
 class _Windows:
@@ -62,7 +69,7 @@ class RandomWindows(_Windows):
         rng = np.random.default_rng([self.seed, self.rank, self.step])
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
         self.step += 1
-        return _gather(self.tokens, starts, self.block_size)
+        return windows_at(self.tokens, starts, self.block_size)
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -85,7 +92,32 @@ class StepWindows:
         return rng.integers(0, len(self.tokens) - self.block_size, size=self.rows_per_step)
 
     def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return _gather(self.tokens, starts, self.block_size)
+        return windows_at(self.tokens, starts, self.block_size)
+
+
+class EpochWindows(StepWindows):
+    """Pretraining's rows for a run counted in epochs: the windows at 0, block_size, 2*block_size, ...
+    (none overlapping), each epoch all of them in a new order drawn from (seed, epoch), as
+    LLMs-from-scratch's shuffled DataLoader takes them. Steps are whole: the windows that would only
+    part-fill an epoch's last step sit that epoch out (drop_last). Step s's rows still depend on (seed, s)
+    alone, so resume stays exact."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, rows_per_step: int, seed: int = 0, label: str = ""):
+        super().__init__(tokens, block_size, rows_per_step, seed, label)
+        self.starts = stride_starts(len(tokens), block_size)
+        self.steps_per_epoch = len(self.starts) // rows_per_step
+        if not self.steps_per_epoch:
+            raise DataError(
+                f"{label or 'the data'}: {len(self.starts):,} windows of {block_size:,} tokens do not fill one step "
+                f"of {rows_per_step:,} rows; use a smaller batch size or block size, or more text"
+            )
+        self._order = (-1, self.starts)
+
+    def rows(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, self.starts[np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))])
+        return self._order[1][index * self.rows_per_step : (index + 1) * self.rows_per_step]
 
 
 class SlidingWindows(_Windows):
@@ -111,7 +143,7 @@ class SlidingWindows(_Windows):
         super().__init__(tokens, block_size, batch_size, seed, rank, world_size, label)
         self.stride = stride or block_size
         self.shuffle, self.drop_last = shuffle, drop_last
-        self.starts = np.arange(0, len(tokens) - block_size, self.stride)
+        self.starts = stride_starts(len(tokens), block_size, self.stride)
         self.epoch = self.index = 0
 
     def _epoch_starts(self) -> np.ndarray:
@@ -129,7 +161,7 @@ class SlidingWindows(_Windows):
         while self.index < len(self):
             batch = starts[self.index * self.batch_size : (self.index + 1) * self.batch_size]
             self.index += 1
-            yield _gather(self.tokens, batch, self.block_size)
+            yield windows_at(self.tokens, batch, self.block_size)
         self.epoch, self.index = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.atomic import recover_dir
+from kiln.atomic import linked_copy, recover_dir
 from kiln.checkpoint import TrainingState, resumable_step
 from kiln.device import autocast_dtype, peak_flops, physical_cores, pick_device, precision_reason, set_threads
 from kiln.distributed import (
@@ -456,8 +456,10 @@ def train_model(
         if step == 0:
             first_val = val_loss
         save(run_dir / "last")
-        if improved:
-            save(run_dir / "best")
+        if improved:  # the same checkpoint: best/ takes hard links to last/'s files instead of a second write
+            if world.is_main:
+                linked_copy(run_dir / "last", run_dir / "best")
+            barrier(world, "a checkpoint save")
         eval_clock["last"] = time.perf_counter() - began
         eval_clock["total"] += eval_clock["last"]
         return val_loss

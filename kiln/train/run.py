@@ -30,7 +30,7 @@ from kiln.model.presets import get_preset, preset_config
 from kiln.progress import progress_bar
 from kiln.train.engine import describe_setup
 from kiln.train.optim import OptimConfig
-from kiln.train.trainer import METRICS_FILE, TrainConfig, planned_steps, train
+from kiln.train.trainer import METRICS_FILE, TrainConfig, planned_steps, pretraining_rows, steps_per_epoch, train
 
 DEFAULT_PRESET = "tiny"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
@@ -186,7 +186,8 @@ def train_and_report(
     )
     print(describe_setup(run.train, run.model))
     rate = _StepRate(tokens_per_step)
-    steps_limit = planned_steps(run.train, len(data.tokens("train")) / tokens_per_step, tokens_per_step)
+    rows = pretraining_rows(data.tokens("train"), run.model, run.train, f"{data.folder} train")
+    steps_limit = planned_steps(run.train, steps_per_epoch(rows), tokens_per_step)
     with progress_bar("training", total=steps_limit, unit="steps") as advance:
         estimated = []
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kiln.data.corpus import open_corpus
-from kiln.data.loaders import RandomWindows, SlidingWindows
+from kiln.data.loaders import EpochWindows, RandomWindows, SlidingWindows
 from kiln.data.prepare import prepare_corpus
 from kiln.errors import DataError
 
@@ -95,6 +95,29 @@ def test_sliding_windows_shard_the_epoch_across_ranks(verdict):
     seen = [tuple(x[0].tolist()) for shard in shards for x, _ in shard]
     everything = [tuple(x[0].tolist()) for x, _ in SlidingWindows(tokens, 32, 1, stride=32)]
     assert sorted(seen) == sorted(everything)
+
+
+def test_epoch_windows_take_every_window_once_per_epoch_in_a_new_order(verdict):
+    tokens = verdict.tokens("train")  # 4,612 tokens: 18 windows of 256, 9 steps of 2 (the book's batches)
+    rows = EpochWindows(tokens, block_size=256, rows_per_step=2, seed=123)
+    assert rows.steps_per_epoch == 9
+    epochs = [np.concatenate([rows.rows(s) for s in range(e * 9, (e + 1) * 9)]) for e in range(3)]
+    for starts in epochs:
+        assert sorted(starts.tolist()) == list(range(0, 18 * 256, 256))
+    assert not np.array_equal(epochs[0], epochs[1])
+    again = EpochWindows(tokens, block_size=256, rows_per_step=2, seed=123)
+    assert np.array_equal(again.rows(13), rows.rows(13))  # a step's rows from (seed, step) alone: resume is exact
+    x, y = rows.batch(rows.rows(0))
+    assert x.shape == (2, 256) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_epoch_windows_leave_out_what_does_not_fill_a_step(verdict):
+    rows = EpochWindows(verdict.tokens("train"), block_size=256, rows_per_step=4, seed=1)
+    assert rows.steps_per_epoch == 4  # 18 windows: 16 in 4 steps, 2 sit the epoch out
+    epoch = np.concatenate([rows.rows(s) for s in range(4)])
+    assert len(set(epoch.tolist())) == 16
+    with pytest.raises(DataError, match="2 windows of 256 tokens do not fill one step of 4 rows"):
+        EpochWindows(verdict.tokens("val"), block_size=256, rows_per_step=4, label="val")
 
 
 def test_corpus_shorter_than_one_window_is_refused(verdict):

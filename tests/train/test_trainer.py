@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +14,18 @@ from kiln.data.corpus import open_corpus
 from kiln.data.prepare import prepare_corpus
 from kiln.errors import ConfigError
 from kiln.model.gpt import GPT, GPTConfig
+from kiln.train import trainer
 from kiln.train.optim import OptimConfig
-from kiln.train.trainer import METRICS_FILE, TrainConfig, TrainingDiverged, train
+from kiln.train.trainer import (
+    METRICS_FILE,
+    TrainConfig,
+    TrainingDiverged,
+    estimate_loss,
+    evaluation_batches,
+    pretraining_rows,
+    steps_per_epoch,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +163,51 @@ def test_resuming_with_a_longer_limit_decays_on_from_where_the_schedule_stood(ve
     # No jump back up to where a 24-step run would be at step 12; on down to min_lr at the new end.
     assert all(later <= earlier for earlier, later in zip(lrs[1:], lrs[2:], strict=False))
     assert lrs[-1] == pytest.approx(configs(verdict_char)[1].min_lr, rel=1e-6)
+
+
+def test_a_run_counted_in_epochs_passes_over_the_non_overlapping_windows(verdict_char, tmp_path):
+    model, optim, run = configs(verdict_char, max_iters=None, epochs=0.5)
+    tokens = verdict_char.tokens("train")
+    rows = pretraining_rows(tokens, model, run)
+    windows = len(range(0, len(tokens) - 32, 32))  # LLMs-from-scratch's windows at stride = context
+    assert steps_per_epoch(rows) == windows // 8
+    assert all(start % 32 == 0 for step in range(10) for start in rows.rows(step))
+    assert train(model, optim, run, verdict_char, tmp_path / "r").steps == math.ceil(0.5 * (windows // 8))
+    by_steps = pretraining_rows(tokens, model, configs(verdict_char)[2])
+    assert any(start % 32 for start in by_steps.rows(0))  # without --epochs: random offsets, as before
+
+
+def test_a_small_val_split_is_scored_over_all_its_windows(verdict_char):
+    model, _, run = configs(verdict_char, eval_batches=8)
+    val = np.asarray(verdict_char.tokens("val"), dtype=np.int64)
+    starts = range(0, len(val) - 32, 32)  # 63 windows in 2,048 characters: 8 batches of 8 hold them all
+    batches = evaluation_batches(val, model, run, seed=0, label="val")
+    assert [len(x) for x, _ in batches] == [8] * 7 + [7]
+    inputs, targets = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    assert torch.equal(inputs, torch.stack([torch.from_numpy(val[s : s + 32]) for s in starts]))
+    torch.manual_seed(0)
+    gpt = GPT(model).eval()
+    with torch.no_grad():
+        whole = gpt(inputs, targets)[1].item()  # the mean over every token of every window at once
+    assert estimate_loss(gpt, batches, torch.device("cpu")) == pytest.approx(whole, rel=1e-5)
+    # More windows than eval_batches batches hold: fixed batches at random offsets, as before.
+    sampled = evaluation_batches(val, model, configs(verdict_char, eval_batches=4)[2], seed=0, label="val")
+    assert len(sampled) == 4 and not torch.equal(torch.cat([x for x, _ in sampled]), inputs[:32])
+
+
+def test_best_shares_the_files_of_last_and_keeps_them_when_last_moves_on(verdict_char, tmp_path, monkeypatch):
+    scores = iter([1.0, 2.0, 1.5, 3.0])  # (train, val) at each evaluation: val improves, then does not
+    monkeypatch.setattr(trainer, "estimate_loss", lambda *args: next(scores))
+    run, seen = tmp_path / "r", {}
+
+    def after_the_first_evaluation(step, loss):
+        if step == 5:
+            best, last = run / "best" / "model.safetensors", run / "last" / "model.safetensors"
+            seen["linked"] = best.stat().st_ino == last.stat().st_ino  # one file, written once
+            seen["weights"] = best.read_bytes()
+
+    train(*configs(verdict_char, max_iters=8, eval_interval=4), verdict_char, run, on_step=after_the_first_evaluation)
+    assert seen["linked"]
+    assert (run / "best" / "model.safetensors").read_bytes() == seen["weights"]
+    assert (run / "last" / "model.safetensors").read_bytes() != seen["weights"]
+    assert load_checkpoint(run / "best").state.progress["step"] == 4
