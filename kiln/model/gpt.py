@@ -381,14 +381,18 @@ class GPT(nn.Module):
         return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, logits_at: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The training forward: logits for every position, and the mean cross-entropy when `targets`
-        are given (-100 marks a position to ignore)."""
+        are given (-100 marks a position to ignore). With `logits_at` (a bool mask shaped like `idx`) the
+        head runs only where it is true, and logits are [N, vocab] in order: a loss that reads a few
+        positions (fine-tuning's answers) skips most of the head over the vocabulary."""
         x, rope = self._embed(idx, 0)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
+        if logits_at is not None:
+            x, targets = x[logits_at], None if targets is None else targets[logits_at]
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
