@@ -259,6 +259,38 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
 
 
+def cast_frozen_weights(model: nn.Module, amp: torch.dtype | None) -> Callable[[], None]:
+    """Let each frozen nn.Linear (a LoRA base, a tied output head) compute with its weight cast to `amp`
+    once, instead of autocast casting it anew at every call: autocast keeps its casts only for weights
+    that take gradients, and re-reading every frozen weight each step was a fifth of a CPU LoRA step.
+    The products are the same (autocast makes the same cast); outside its own forward a module holds its
+    fp32 weight, so saves, merges and peft's token layers never see the copy. Returns the undo."""
+    if amp is None:
+        return lambda: None
+    copies = {
+        module: nn.Parameter(module.weight.detach().to(amp), requires_grad=False)
+        for module in model.modules()
+        if type(module) is nn.Linear and not module.weight.requires_grad and module.weight.dtype == torch.float32
+    }
+    originals = {module: module.weight for module in copies}
+
+    def swap_in(module: nn.Module, args) -> None:
+        module._parameters["weight"] = copies[module]
+
+    def swap_out(module: nn.Module, args, output) -> None:
+        module._parameters["weight"] = originals[module]
+
+    hooks = [m.register_forward_pre_hook(swap_in) for m in copies] + [m.register_forward_hook(swap_out) for m in copies]
+
+    def undo() -> None:
+        for hook in hooks:
+            hook.remove()
+        for module, weight in originals.items():
+            module._parameters["weight"] = weight
+
+    return undo
+
+
 def model_config_of(model: nn.Module) -> GPTConfig | None:
     """The GPT's shape inside `model` (which may be wrapped by peft)."""
     return next((m.config for m in model.modules() if isinstance(m, GPT)), None)
@@ -469,6 +501,9 @@ def train_model(
     if stage.evaluate_at_start and step == 0:
         evaluate_and_save()
     asked, stop_catching = catch_stop_requests()
+    # Sharded (FSDP) and compiled models manage their own weights; GPUs cast fast enough.
+    cached_casts = device.type == "cpu" and config.parallel != "fsdp" and not config.compile
+    uncast_weights = cast_frozen_weights(module, amp if cached_casts else None)
     stopped_by = 0
     try:
         while total_steps is None or step < total_steps:
@@ -551,6 +586,7 @@ def train_model(
                 break
     finally:
         stop_catching()
+        uncast_weights()
     if stopped_by:
         if evaluated_at != step:
             save(run_dir / "last")

@@ -42,9 +42,11 @@ def interrupt_after(step_count: int, monkeypatch) -> None:
     monkeypatch.setattr(finetune_run, "progress_bar", stopping_bar)
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", [False, True, "bf16"])
 def test_fine_tuning_resumes_bit_for_bit(tmp_path, base_checkpoint, instruction_file, monkeypatch, lora):
     method = ["--lora-r", "4", "--lora-dropout", "0.1"] if lora else ["--set", "grad_accum=2", "--set", "batch_size=4"]
+    if lora == "bf16":  # bf16 autocast, with the frozen base's weights cast once (kiln.train.engine)
+        method += ["--set", "precision=bf16"]
     assert finetune(base_checkpoint, instruction_file, tmp_path / "straight", *method) == 0
     with monkeypatch.context() as patch:
         interrupt_after(6, patch)
