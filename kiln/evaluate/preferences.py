@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pad_sequence
 from kiln.data.preferences import PreferencePair, encode_pair
 from kiln.data.templates import Template
 from kiln.data.tokenizers import Tokenizer
+from kiln.errors import DataError, TokenizerError
 from kiln.model.gpt import GPT, IGNORE
 
 TokenExample = tuple[Sequence[int], Sequence[int]]  # model inputs, next-token labels (IGNORE: not scored)
@@ -83,13 +84,29 @@ def score_pairs(
     """Preference accuracy (share of pairs with a positive margin) and mean margin of `pairs`: with the
     `reference` a model was DPO-tuned from, DPO's reward margin at `beta` (and its loss); without, the
     log-probability margin. Also, in any case, the share of pairs whose chosen answer the model finds
-    likelier (`chosen_likelier`) and the mean log-probability margin. Returns them and one record per pair."""
-    encoded = [(pair, encode_pair(pair, template, tokenizer, model.config.block_size)) for pair in pairs]
-    kept = [(pair, sides) for pair, sides in encoded if sides is not None]
+    likelier (`chosen_likelier`) and the mean log-probability margin. Pairs the tokenizer cannot read, or
+    whose answer starts past the context, are left out and counted. Returns the figures and one record
+    per pair."""
+    kept, unreadable, cut_off = [], 0, 0
+    for pair in pairs:
+        try:
+            sides = encode_pair(pair, template, tokenizer, model.config.block_size)
+        except TokenizerError:  # a character a char vocabulary lacks: the model gives it no probability at all
+            unreadable += 1
+            continue
+        if sides is None:
+            cut_off += 1
+        else:
+            kept.append((pair, sides))
+    if not kept:
+        raise DataError(
+            f"none of the {len(pairs):,} pairs can be scored ({unreadable:,} hold characters the tokenizer lacks, "
+            f"{cut_off:,} have an answer past the context of {model.config.block_size})"
+        )
     answers = [[sides.chosen for _, sides in kept], [sides.rejected for _, sides in kept]]
     chosen, rejected = (sequence_logprobs(model, side, batch_size) for side in answers)
     plain = preference_summary(reward_margins(chosen, rejected))
-    result = {"pairs": len(kept), "left_out": len(encoded) - len(kept), "reference": reference is not None}
+    result = {"pairs": len(kept), "unreadable": unreadable, "cut_off": cut_off, "reference": reference is not None}
     margins = reward_margins(chosen, rejected)
     if reference is not None:
         reference_chosen, reference_rejected = (sequence_logprobs(reference, side, batch_size) for side in answers)

@@ -203,6 +203,10 @@ def print_summary(result: dict, console: Console | None = None) -> None:
         table.add_row("bits per byte", f"{result['bits_per_byte']:.4f}")
     elif result["kind"] == "preferences":
         table.add_row("pairs", f"{result['pairs']:,}")
+        if result["unreadable"]:
+            table.add_row("left out: characters the tokenizer lacks", f"{result['unreadable']:,}")
+        if result["cut_off"]:
+            table.add_row("left out: answer past the context", f"{result['cut_off']:,}")
         if result["reference"]:
             table.add_row("preference accuracy (reward margin > 0)", f"{result['preference_accuracy']:.1%}")
             table.add_row(f"mean reward margin (beta {result['beta']:g})", f"{result['mean_margin']:.3f}")

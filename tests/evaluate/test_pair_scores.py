@@ -88,3 +88,12 @@ def test_kiln_evaluate_reports_preference_accuracy_and_mean_margin_of_any_checkp
     assert result["preference_accuracy"] == result["chosen_likelier"] == float((chosen > rejected).double().mean())
     assert result["mean_margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-5)
     assert f"{result['preference_accuracy']:.1%}" in printed
+
+
+def test_pairs_the_tokenizer_cannot_read_are_left_out_and_counted(tiny_checkpoint, write_jsonl, tmp_path):
+    records = [{"prompt": f"Name a {w}.", "chosen": f"A {w}, thank you.", "rejected": f"{w}."} for w in WORDS]
+    records[4]["rejected"] = "~"  # a character the char vocabulary lacks
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    folder = tiny_checkpoint(tmp_path / "tiny", "".join(WORDS) + "NA.,", info={"template": "chat"}, block_size=48)
+    result = evaluate(folder, data, split="all", out=tmp_path / "scores.jsonl", show=False)
+    assert result["pairs"] == 11 and result["unreadable"] == 1 and result["cut_off"] == 0
