@@ -1,12 +1,17 @@
-"""The model made ready for decoding on a CPU: every linear layer's weight reordered once into oneDNN's
-blocked layout, in fp32 or bf16.
+"""The model made ready for decoding on a CPU: each linear layer's weight laid out once for a fast
+matrix-vector product, in the precision asked for.
 
-Decoding one sequence is a chain of matrix-vector products, so its speed is how fast the weights stream
-from memory. torch's default CPU matrix-vector product read them at about half the memory's speed here
-(bench/decode.py); oneDNN's prepacked product (the one torch.compile uses for frozen weights) reads them
-near full speed, and in bf16 it reads half the bytes. fp32 packing gives the same products up to float
-rounding (logits within 1e-5); bf16 rounds every weight to 8 bits of mantissa, so greedy text may part
-from fp32's where two tokens are nearly tied. The activations between the products stay fp32.
+Decoding one sequence is a chain of matrix-vector products, so its speed is the rate at which the
+weights stream from memory, and the number of bytes they take (bench/decode.py, docs/bench-decode.md):
+
+- fp32 (exact): oneDNN's prepacked product, the one torch.compile uses for frozen weights. The same
+  products as `nn.Linear` up to float rounding (logits within 1e-5).
+- fp16: the weights stored in fp16 (half the bytes), widened to fp32 inside fbgemm's product, with fp32
+  activations and sums. fp16 keeps 11 bits of each weight, so logits move by about 1e-4; on x86 this is
+  both the fastest and the closest to fp32 of the halves.
+- bf16: oneDNN's prepacked bf16 product (activations rounded to bf16 for it). bf16 keeps 8 bits, so
+  logits move by about 1e-2, and greedy text parts from fp32's sooner.
+Off the CPU, fp16 and bf16 cast the whole model.
 
 A packed model is for inference only: it has no gradients, and its state_dict no longer holds the
 linear layers' weights.
@@ -17,16 +22,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "auto")
+from kiln.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+FP16_MAX = 65504.0  # the largest fp16 number: fbgemm would clip a weight beyond it
 
 
-def packing_available(device: torch.device | str) -> bool:
+def onednn_available(device: torch.device | str) -> bool:
     """oneDNN's packed linear runs on CPUs, in torch builds with oneDNN (mkldnn)."""
     return (
         torch.device(device).type == "cpu"
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def fbgemm_available(device: torch.device | str) -> bool:
+    """fbgemm's fp16-weight product runs on x86 CPUs."""
+    return (
+        torch.device(device).type == "cpu"
+        and "fbgemm" in torch.backends.quantized.supported_engines
+        and hasattr(torch.ops.quantized, "linear_prepack_fp16")
     )
 
 
@@ -46,24 +63,43 @@ class PackedLinear(nn.Module):
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
-def decoding_dtype(precision: str, device: torch.device, width: int) -> torch.dtype:
-    """The weights' dtype for `precision`: fp32 and bf16 as asked; auto is bf16 where device.py's rule
-    says bf16 pays on this device (AMX / AVX-512 BF16 CPUs, bf16 GPUs), else fp32."""
-    from kiln.device import autocast_dtype
+class Fp16Linear(nn.Module):
+    """`nn.Linear`'s product with the weight stored in fp16 and widened to fp32 inside fbgemm's kernel."""
 
-    return autocast_dtype(precision, device, width) or torch.float32
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
-def pack_for_decoding(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Make `model` (in place; returned too) an inference model whose linear layers run in `dtype`: on a
-    CPU with oneDNN, prepacked (see the module's note); elsewhere a bf16 model is cast to bf16 whole."""
+def pack_for_decoding(model: nn.Module, precision: str = "fp32") -> nn.Module:
+    """Make `model` (in place; returned too) an inference model whose linear layers run in `precision`
+    (fp32, fp16, bf16; see the module's note)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     model.eval().requires_grad_(False)
     device = next(model.parameters()).device
-    if not packing_available(device):
-        return model.to(dtype) if dtype != torch.float32 else model
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, PackedLinear(child, dtype))
+    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()]
+    linears = [(module, name, child) for module, name, child in linears if type(child) is nn.Linear]
+    if precision == "fp16" and device.type == "cpu":
+        if not fbgemm_available(device):
+            raise ConfigError("--precision fp16 needs fbgemm (x86 CPUs), which this torch lacks; use bf16 or fp32")
+        largest = max(float(child.weight.abs().max()) for _, _, child in linears)
+        if largest > FP16_MAX:
+            raise ConfigError(f"a weight of {largest:.3g} is past fp16's range; use --precision bf16 or fp32")
+        for module, name, child in linears:
+            setattr(module, name, Fp16Linear(child))
+        return model
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if not onednn_available(device):
+        return model.to(dtype)
+    for module, name, child in linears:
+        setattr(module, name, PackedLinear(child, dtype))
     return model

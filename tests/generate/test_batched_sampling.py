@@ -3,6 +3,8 @@ greedy, seeded sampling, stops, the context window, and `kiln sample --num-sampl
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from kiln.checkpoint import save_checkpoint
 from kiln.cli import main
 from kiln.data.tokenizers.char import CharTokenizer
 from kiln.generate.sampling import SamplingConfig, generate, generate_rows, sample_texts, stream_text
+from kiln.model import packed
 from kiln.model.gpt import GPT, GPTConfig
+from kiln.model.packed import pack_for_decoding
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -44,6 +48,17 @@ def test_seeded_rows_equal_one_seeded_run_each(model, settings):
     batch = columns(generate_rows(model, prompt, config, seeds))
     assert batch == alone
     assert len({tuple(row) for row in batch}) > 1  # the seeds made different texts
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_rows_of_a_packed_model_equal_its_runs(model, precision):
+    if precision == "fp16" and not packed.fbgemm_available("cpu"):
+        pytest.skip("fp16 weights need fbgemm (x86)")
+    fast = pack_for_decoding(copy.deepcopy(model), precision)
+    prompt = torch.randint(0, 61, (1, 4))
+    config = SamplingConfig(max_new_tokens=15, temperature=0.9)
+    alone = [list(generate(fast, prompt, seeded(config, s))) for s in (4, 5, 6)]
+    assert columns(generate_rows(fast, prompt, config, [4, 5, 6])) == alone
 
 
 def test_rows_go_on_past_the_context_window_as_one_run_does(model):

@@ -1,5 +1,5 @@
-"""A model packed for decoding computes what the plain model computes: fp32 within float rounding, bf16
-within bf16's rounding; the plain model is left for training."""
+"""A model packed for decoding computes what the plain model computes: fp32 within float rounding, fp16
+and bf16 weights within their rounding; the activations between the products stay fp32."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from kiln.errors import ConfigError
 from kiln.generate.sampling import SamplingConfig, generate
 from kiln.model import packed
 from kiln.model.gpt import GPT, GPTConfig
 from kiln.model.kv_cache import KVCache
-from kiln.model.packed import PackedLinear, pack_for_decoding
+from kiln.model.packed import Fp16Linear, PackedLinear, pack_for_decoding
 
-pytestmark = pytest.mark.skipif(not packed.packing_available("cpu"), reason="this torch has no oneDNN")
+onednn = pytest.mark.skipif(not packed.onednn_available("cpu"), reason="this torch has no oneDNN")
+fbgemm = pytest.mark.skipif(not packed.fbgemm_available("cpu"), reason="this torch has no fbgemm (x86 only)")
 
 
 def tiny(style: str, tied: bool = True) -> GPT:
@@ -34,50 +36,58 @@ def cached_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
+@onednn
 @pytest.mark.parametrize("style,tied", [("gpt2", True), ("llama", True), ("gpt2", False)])
 def test_packed_fp32_decoding_equals_the_plain_full_forward(style, tied):
     model = tiny(style, tied)
     ids = torch.randint(0, 61, (2, 12))
     reference, _ = model(ids)
-    fast = pack_for_decoding(copy.deepcopy(model), torch.float32)
+    fast = pack_for_decoding(copy.deepcopy(model), "fp32")
     assert not any(type(m) is nn.Linear for m in fast.modules())
     torch.testing.assert_close(cached_logits(fast, ids), reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "precision,layer,bits",
+    [pytest.param("fp16", Fp16Linear, 11, marks=fbgemm), pytest.param("bf16", PackedLinear, 8, marks=onednn)],
+)
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
-def test_packed_bf16_decoding_is_within_bf16_rounding(style):
+def test_half_precision_decoding_is_within_its_rounding(style, precision, layer, bits):
     model = tiny(style)
     ids = torch.randint(0, 61, (1, 12))
     reference, _ = model(ids)
-    fast = pack_for_decoding(copy.deepcopy(model), torch.bfloat16)
-    assert {m.weight.dtype for m in fast.modules() if isinstance(m, PackedLinear)} == {torch.bfloat16}
+    fast = pack_for_decoding(copy.deepcopy(model), precision)
+    assert {type(m) for m in fast.modules() if not list(m.children())} & {nn.Linear, layer} == {layer}
     logits = cached_logits(fast, ids)
-    assert logits.dtype == torch.float32  # the activations between the products stay fp32
-    # bf16 keeps 8 bits of mantissa: each weight is off by up to 2^-9 of itself
-    assert (logits - reference).abs().max() < 0.02 * reference.abs().max()
+    assert logits.dtype == torch.float32
+    # a weight rounded to `bits` significant bits is off by up to 2^-bits of itself
+    assert (logits - reference).abs().max() < 2**-bits * 20 * reference.abs().max()
 
 
-def test_greedy_text_of_a_packed_fp32_model_is_the_plain_models():
+@onednn
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("fp16", marks=fbgemm)])
+def test_greedy_text_of_a_packed_model_is_the_plain_models(precision):
     model = tiny("gpt2")
     prompt = torch.randint(0, 61, (1, 5))
     config = SamplingConfig(max_new_tokens=40, temperature=0)  # past the 32-token window, too
     expected = list(generate(model, prompt, config))
-    assert list(generate(pack_for_decoding(copy.deepcopy(model)), prompt, config)) == expected
+    assert list(generate(pack_for_decoding(copy.deepcopy(model), precision), prompt, config)) == expected
 
 
-def test_without_onednn_bf16_casts_the_model_and_fp32_leaves_it(monkeypatch):
-    monkeypatch.setattr(packed, "packing_available", lambda device: False)
+@fbgemm
+def test_fp16_refuses_weights_past_its_range():
+    model = tiny("gpt2")
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight[0, 0] = 1e5
+    with pytest.raises(ConfigError, match="past fp16's range"):
+        pack_for_decoding(model, "fp16")
+
+
+def test_without_the_cpu_kernels_half_precisions_cast_the_model(monkeypatch):
+    monkeypatch.setattr(packed, "onednn_available", lambda device: False)
     assert pack_for_decoding(tiny("gpt2")).lm_head.weight.dtype == torch.float32
-    cast = pack_for_decoding(tiny("gpt2"), torch.bfloat16)
+    cast = pack_for_decoding(tiny("gpt2"), "bf16")
     assert type(cast.lm_head) is nn.Linear and cast.lm_head.weight.dtype == torch.bfloat16
-
-
-def test_auto_precision_follows_the_devices_bf16_rule(monkeypatch):
-    cpu = torch.device("cpu")
-    assert packed.decoding_dtype("fp32", cpu, 768) == torch.float32
-    assert packed.decoding_dtype("bf16", cpu, 768) == torch.bfloat16
-    monkeypatch.setattr("kiln.device.cpu_has_fast_bf16", lambda: False)
-    assert packed.decoding_dtype("auto", cpu, 768) == torch.float32
-    monkeypatch.setattr("kiln.device.cpu_has_fast_bf16", lambda: True)
-    assert packed.decoding_dtype("auto", cpu, 768) == torch.bfloat16
-    assert packed.decoding_dtype("auto", cpu, 128) == torch.float32  # too narrow to pay
+    monkeypatch.setattr(packed, "fbgemm_available", lambda device: False)
+    with pytest.raises(ConfigError, match="fbgemm"):
+        pack_for_decoding(tiny("gpt2"), "fp16")
