@@ -156,7 +156,8 @@ class JsonlRecords(Corpus):
                     if not isinstance(record, dict):
                         problem = "not a JSON object"
                     elif not isinstance(record.get(text_field), str):
-                        found = ", ".join(sorted(record)) or "none"
+                        # A name holding a line break or another control character is escaped: one line still.
+                        found = ", ".join(n if n.isprintable() else repr(n) for n in sorted(record)) or "none"
                         problem = f"no text field '{text_field}' (fields: {found}); choose one with --text-field"
                 if problem is None:
                     yield iter((record[text_field],))

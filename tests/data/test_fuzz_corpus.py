@@ -58,6 +58,7 @@ def assert_read_or_refused(path, options: ReadOptions) -> None:
     text_field=st.sampled_from([None, "body"]),
 )
 @example(lines=[{"text": "ok"}], how="byte", at=10, byte=0xFF, skip_bad_lines=False, errors="strict", text_field=None)
+@example(lines=[{"\n": None}], how="as written", at=0, byte=128, skip_bad_lines=False, errors="strict", text_field=None)
 def test_jsonl_records_are_read_or_refused(tmp_path_factory, lines, how, at, byte, skip_bad_lines, errors, text_field):
     path = tmp_path_factory.mktemp("jsonl") / "docs.jsonl"
     raw = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
