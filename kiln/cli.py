@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (default 16)")
     ft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
     ft.add_argument("--lora-targets", choices=["attn", "mlp", "all"], default="attn", help="layers that get adapters")
-    ft.add_argument("--epochs", type=float, help="passes over the training split (default 2)")
+    ft.add_argument("--epochs", type=float, help="passes over the training split (default 2; DPO 1)")
     ft.add_argument("--max-iters", type=int, help="stop after this many steps")
     ft.add_argument("--max-time", help="stop after this long, e.g. 90s, 2m")
     ft.add_argument("--early-stop", type=int, help="stop after this many evaluations without a better val loss")

@@ -32,7 +32,7 @@ from kiln.distributed import launched_world
 from kiln.errors import ConfigError, DataError
 from kiln.evaluate.preferences import answer_logprobs, preference_summary, reward_margins, sequence_logprobs
 from kiln.finetune.examples import Example, ExampleSteps, pad_batch
-from kiln.finetune.sft import FinetuneConfig, default_lr
+from kiln.finetune.sft import FinetuneConfig
 from kiln.model.lora import adapter_disabled
 from kiln.train.engine import (
     Stage,
@@ -43,10 +43,6 @@ from kiln.train.engine import (
     train_device,
     train_model,
 )
-
-# DPO moves a model away from where it starts, not towards new text: a tenth of fine-tuning's default
-# step (LLMs-from-scratch ch. 7 uses 5e-6 after 5e-5), measured on the demo's model (docs/finetune.md).
-LR_FACTOR = 0.1
 
 
 @dataclass
@@ -77,6 +73,16 @@ def dpo_settings(settings: dict) -> tuple[FinetuneConfig, DPOConfig, TrainConfig
     if not train.has_limit():
         train.epochs = DEFAULT_EPOCHS
     return config, dpo, train
+
+
+def default_lr(model: nn.Module, lora: bool) -> float:
+    """Below 10M weights 5e-4 full / 2e-3 LoRA, as measured on the demo's model (docs/finetune.md: 1e-4
+    had not moved it far in 200 steps); above, LLMs-from-scratch ch. 7's 5e-6 for full DPO of GPT-2 (a
+    tenth of its fine-tuning step) and, the same tenth, 5e-5 for LoRA."""
+    small = sum(p.numel() for p in model.parameters()) < 10_000_000
+    if lora:
+        return 2e-3 if small else 5e-5
+    return 5e-4 if small else 5e-6
 
 
 def dpo_loss(
@@ -212,7 +218,7 @@ def run_dpo(
         raise DataError("the val split has no pairs; use more data")
     if not len(train):
         raise DataError("no training pairs are left after filtering; check the data and block_size")
-    lr = config.lr or default_lr(model, lora) * LR_FACTOR
+    lr = config.lr or default_lr(model, lora)
     world = launched_world()
     device = train_device(train_config, world)
     set_threads(process_threads(train_config, world))
