@@ -20,6 +20,10 @@ BLOCK_STYLES = ("gpt2", "llama")
 # gpt2 blocks' MLP activation: exact GELU (nanoGPT's, and about 2x faster on CPU than the tanh form) or
 # GPT-2's own tanh approximation (what OpenAI's weights were trained with; transformers' "gelu_new").
 ACTIVATIONS = ("gelu", "gelu_tanh")
+# gpt2: GPT-2's N(0, 0.02) with residual projections shrunk by depth (nanoGPT's). torch: each layer's
+# PyTorch default (nn.Embedding N(0, 1), nn.Linear Kaiming-uniform), as LLMs-from-scratch's GPTModel
+# has: its large fixed-looking embeddings let a small text be fitted far faster (docs/bench-pretrain.md).
+INITS = ("gpt2", "torch")
 IGNORE = -100  # a target the loss skips (padding, prompt tokens): torch's ignore_index
 RENAMED = {"tie_weights": "tie_word_embeddings"}  # settings read from configs written before a rename
 
@@ -40,6 +44,7 @@ class GPTConfig:
     block_style: str = "gpt2"
     activation: str = "gelu"
     tie_word_embeddings: bool = True  # transformers' name, which peft reads too
+    init: str = "gpt2"  # how fresh weights are drawn (INITS)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -51,6 +56,8 @@ class GPTConfig:
             raise ConfigError(f"block_style '{self.block_style}': choose one of {', '.join(BLOCK_STYLES)}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}")
+        if self.init not in INITS:
+            raise ConfigError(f"init '{self.init}': choose one of {', '.join(INITS)}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.kv_heads:
@@ -303,11 +310,12 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: residual projections shrink with depth so the residual stream stays O(1).
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.init == "gpt2":  # (torch: the layers were drawn so as they were built)
+            self.apply(self._init_weights)
+            # GPT-2's scaled init: residual projections shrink with depth so the residual stream stays O(1).
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -38,6 +38,22 @@ def test_untied_head_adds_one_embedding_table():
     assert untied.num_params() - tied.num_params() == 97 * 32
 
 
+def test_torch_init_draws_each_layer_as_pytorch_does_as_llms_from_scratch_has_it():
+    torch.manual_seed(0)
+    book = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, tie_word_embeddings=False, init="torch"))
+    gpt2 = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, tie_word_embeddings=False))
+    assert book.wte.weight.std().item() == pytest.approx(1.0, rel=0.01)  # nn.Embedding: N(0, 1)
+    assert book.wpe.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    bound = 1 / math.sqrt(256)  # nn.Linear: Kaiming-uniform, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for weight in (book.lm_head.weight, book.blocks[0].attn.qkv.weight, book.blocks[1].mlp.up.weight):
+        assert weight.abs().max().item() <= bound and weight.std().item() == pytest.approx(
+            bound / math.sqrt(3), rel=0.02
+        )
+    assert gpt2.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)  # the default: GPT-2's
+    with pytest.raises(ConfigError, match="init 'xavier': choose one of gpt2, torch"):
+        GPTConfig(init="xavier")
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_kv_cache_logits_equal_the_full_forward(style):
     model = model_of(style)
