@@ -17,9 +17,10 @@ Each side's share of the memory-bandwidth bound: the bytes of weights a step rea
 embedding tables, of which a step reads one row; the tied head is read whole) times its tokens/s, over
 a read bandwidth measured each round (the sum of a 512 MiB fp32 tensor, best of 5).
 
-Batch 8 (`kiln sample --num-samples 8`: temperature 0.8, top-k 200, seeds S..S+7, Kiln default weights):
-the eight continuations decoded as one batch (`generate_rows`) against eight runs of `generate` one
-after another; each row's text is compared with its own run's.
+Batch 8 (`kiln sample --num-samples 8`: temperature 0.8, top-k 200, seeds S..S+7, fp32, the weights
+laid out for 8 rows as that command lays them out): the eight continuations decoded as one batch
+(`generate_rows`) against eight runs of `generate` with the default model one after another (eight
+`kiln sample` runs); each row's text is compared with its own run's.
 
 Bars (issue 18): Kiln >= 2x transformers' tokens/s; the batch >= 3x the runs one after another. Goal:
 >= 70% of the bandwidth bound. Exits 1 if a bar fails. A round that would end past --budget minutes
@@ -50,12 +51,12 @@ from kiln.device import set_threads
 from kiln.generate.sampling import SamplingConfig, generate, generate_rows
 from kiln.interop.hf import export_hf
 from kiln.model.gpt import GPT, GPTConfig
-from kiln.model.packed import Fp16Linear, PackedLinear, pack_for_decoding
+from kiln.model.packed import Fp16Linear, PackedLinear, TransposedLinear, pack_for_decoding
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by the sea,"
 SPEED_BAR, BATCH_BAR, BOUND_GOAL = 2.0, 3.0, 0.70
 BEFORE = "Kiln before: fp32, plain nn.Linear"
-DEFAULT = "Kiln default (kiln sample): fp32, weights stored [in, out]"
+DEFAULT = "Kiln default (kiln sample): fp32, transposed weights"
 TRANSFORMERS = "transformers generate, fp32"
 BATCH, SEED = 8, 1234
 
@@ -81,6 +82,9 @@ def weight_bytes_per_token(model: nn.Module) -> int:
         if isinstance(module, Fp16Linear):
             weight, bias = torch.ops.quantized.linear_unpack_fp16(module.packed)
             total += weight.numel() * 2 + (0 if bias is None else bias.numel() * bias.element_size())
+            continue
+        if isinstance(module, TransposedLinear):
+            total += sum(t.numel() * t.element_size() for t in (module.weight_t, module.bias) if t is not None)
             continue
         if not isinstance(module, nn.Linear | PackedLinear | nn.LayerNorm | nn.RMSNorm) and (
             type(module).__name__ != "Conv1D"
@@ -121,7 +125,7 @@ def main() -> int:
         data_dir = os.environ.get("KILN_DATA_DIR")
         folder = Path(args.checkpoint) if args.checkpoint else build_model(Path(tmp) / "kiln", data_dir)
         hf_dir = export_hf(folder, Path(tmp) / "hf")
-        sides, hf_model, hf_inputs, tokenizer = load_sides(folder, hf_dir)
+        sides, batch_model, hf_model, hf_inputs, tokenizer = load_sides(folder, hf_dir)
 
     prompt = torch.tensor([tokenizer.encode(PROMPT)])
     assert prompt.tolist() == hf_inputs["input_ids"].tolist(), "the two tokenizers disagree on the prompt"
@@ -152,7 +156,7 @@ def main() -> int:
         batch_texts["runs"] = [list(generate(default, prompt, sampled_with(sampled, seed))) for seed in seeds]
         one_by_one.append(BATCH * args.tokens / (time.perf_counter() - start))
         start = time.perf_counter()
-        rows = list(generate_rows(default, prompt, sampled, seeds))
+        rows = list(generate_rows(batch_model, prompt, sampled, seeds))
         batched.append(BATCH * args.tokens / (time.perf_counter() - start))
         batch_texts["batch"] = [list(row) for row in zip(*rows, strict=True)]
         summary = ", ".join(f"{short(name)} {speeds[name][-1]:.1f}" for name in runs)
@@ -224,7 +228,8 @@ def sampled_with(config: SamplingConfig, seed: int) -> SamplingConfig:
 
 
 def load_sides(folder: Path, hf_dir: Path):
-    """Kiln's ways to decode, transformers' model and inputs (loaded as a user would), and Kiln's tokenizer."""
+    """Kiln's ways to decode one sequence, its default model laid out for a batch of BATCH, transformers'
+    model and inputs (loaded as a user would), and Kiln's tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = load_checkpoint(folder)
@@ -235,9 +240,10 @@ def load_sides(folder: Path, hf_dir: Path):
         "Kiln --precision fp16: fp16 weights, fp32 arithmetic": pack_for_decoding(copy.deepcopy(plain), "fp16"),
         "Kiln --precision bf16: bf16 weights, packed": pack_for_decoding(copy.deepcopy(plain), "bf16"),
     }
+    batch_model = pack_for_decoding(copy.deepcopy(plain), "fp32", rows=BATCH)  # as kiln sample --num-samples 8
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir)
     hf_inputs = AutoTokenizer.from_pretrained(hf_dir)(PROMPT, return_tensors="pt")
-    return sides, hf_model, hf_inputs, checkpoint.tokenizer
+    return sides, batch_model, hf_model, hf_inputs, checkpoint.tokenizer
 
 
 if __name__ == "__main__":

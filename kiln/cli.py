@@ -548,7 +548,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.checkpoint, device)
     if checkpoint.tokenizer is None:
         raise KilnError(f"{args.checkpoint}: has no tokenizer/ folder, so its output cannot be turned into text")
-    model = pack_for_decoding(checkpoint.model, args.precision)
+    model = pack_for_decoding(checkpoint.model, args.precision, rows=args.num_samples)
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     seeds = [None if args.seed is None else args.seed + number for number in range(args.num_samples)]
     if args.num_samples == 1:

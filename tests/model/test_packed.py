@@ -36,14 +36,15 @@ def cached_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
+@pytest.mark.parametrize("rows,layer", [(1, TransposedLinear), pytest.param(2, PackedLinear, marks=onednn)])
 @pytest.mark.parametrize("style,tied", [("gpt2", True), ("llama", True), ("gpt2", False)])
-def test_fp32_decoding_equals_the_plain_full_forward(style, tied):
+def test_fp32_decoding_equals_the_plain_full_forward(style, tied, rows, layer):
     model = tiny(style, tied)
     ids = torch.randint(0, 61, (2, 12))
     reference, _ = model(ids)
-    fast = pack_for_decoding(copy.deepcopy(model), "fp32")
+    fast = pack_for_decoding(copy.deepcopy(model), "fp32", rows=rows)
     assert not any(type(m) is nn.Linear for m in fast.modules())
-    assert any(isinstance(m, TransposedLinear) for m in fast.modules())
+    assert any(isinstance(m, layer) for m in fast.modules())
     torch.testing.assert_close(cached_logits(fast, ids), reference, atol=1e-5, rtol=1e-5)
 
 
