@@ -154,6 +154,16 @@ def test_a_preset_recipe_is_a_default_that_settings_override():
     assert build_settings("nanogpt-cpu", 65, {}, {}).optim.lr == 1e-3  # no recipe: the defaults
 
 
+def test_the_lfs_preset_is_the_books_model_and_recipe():
+    from kiln.train.run import build_settings
+
+    run = build_settings("lfs-124m", 50257, {}, {"epochs": 10})
+    assert (run.model.n_layer, run.model.n_embd, run.model.block_size, run.model.dropout) == (12, 768, 256, 0.1)
+    assert not run.model.tie_word_embeddings and run.model.init == "torch"
+    assert (run.optim.lr, run.optim.weight_decay, run.train.batch_size) == (5e-4, 0.1, 2)
+    assert GPT(run.model).num_params() == 162_419_712 + 12 * 3 * 768  # the book's, with query/key/value biases
+
+
 def rope_by_concatenation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' Llama form: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
     half = x.shape[-1] // 2

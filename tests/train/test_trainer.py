@@ -211,3 +211,17 @@ def test_best_shares_the_files_of_last_and_keeps_them_when_last_moves_on(verdict
     assert (run / "best" / "model.safetensors").read_bytes() == seen["weights"]
     assert (run / "last" / "model.safetensors").read_bytes() != seen["weights"]
     assert load_checkpoint(run / "best").state.progress["step"] == 4
+
+
+def test_a_run_that_need_not_resume_writes_the_weights_alone(verdict_char, tmp_path):
+    train(*configs(verdict_char, max_iters=8, eval_interval=4, resumable=False), verdict_char, tmp_path / "r")
+    for name in ("last", "best"):
+        checkpoint = load_checkpoint(tmp_path / "r" / name)
+        assert checkpoint.state is None and checkpoint.model.config.n_layer == 2
+    assert sorted(p.name for p in (tmp_path / "r" / "last").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer",
+    ]
+    with pytest.raises(ConfigError, match="no training state, so it cannot be resumed"):
+        train(*configs(verdict_char, max_iters=12, resumable=False), verdict_char, tmp_path / "r", resume=True)
