@@ -33,6 +33,14 @@ PRESETS: dict[str, Preset] = {
         dict(block_style="llama", n_layer=2, n_head=4, n_embd=128, block_size=64, dropout=0.0),
         dict(lr=5e-3, min_lr=1e-4, warmup_iters=100, batch_size=12, eval_interval=250, eval_batches=20),
     ),
+    # The demo's model (kiln demo): a byte-level BPE of 4,096 tokens on English text; 256 wide
+    # so CPUs with bf16 arithmetic run it in bf16, and shallow, since on 2 cores a few minutes reach barely
+    # one pass over WikiText-2. See docs/finetune.md.
+    "chatbot-cpu": Preset(
+        "the demo's chatbot: a few minutes on 2 cores of English BPE text (llama, 4/4/256, block 256)",
+        dict(block_style="llama", n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0),
+        dict(lr=3e-3, min_lr=1e-4, warmup_iters=50, batch_size=16, eval_interval=100, eval_batches=10),
+    ),
     # LLMs-from-scratch ch. 5's workload (`--data the-verdict --tokenizer gpt2 --epochs 10`): the book's
     # model (untied head, PyTorch's init: with GPT-2's init Kiln fitted the text far worse) and its lr,
     # weight decay and batch, on Kiln's schedule; see docs/bench-pretrain.md. An evaluation each epoch
