@@ -83,31 +83,36 @@ def test_prepare_prints_a_summary(capsys, tmp_path, mirror):
     assert "train 1,003,854 tokens, val 111,540 tokens" in out
 
 
-def test_demo_prepares_trains_samples_finetunes_chats_and_says_how_to_go_on(capsys, tmp_path, mirror, monkeypatch):
+def test_demo_prepares_trains_samples_finetunes_chats_scores_and_says_how_to_go_on(
+    capsys, tmp_path, mirror, monkeypatch
+):
+    monkeypatch.setattr("kiln.demo.HELD_OUT_TOKENS", 4)  # a model trained for seconds never stops on its own
     code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "4s", "--finetune-time", "5s")
     assert code == 0
-    assert "1,003,854" in out and "301,966" in out
-    assert (tmp_path / "demo" / "tinyshakespeare-gpt2" / "train.bin").is_file()
-    (run_dir,) = (tmp_path / "demo").glob("shakespeare-cpu-*")
+    assert "wikitext-2 + instruction-data train x3, BPE 4,096" in out and "BPE trained in" in out
+    assert (tmp_path / "demo" / "wikitext-2-bpe4096" / "train.bin").is_file()
+    (run_dir,) = (tmp_path / "demo").glob("chatbot-cpu-*")
     assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "loss.png").is_file()
-    assert "estimated run time" in out and "best val loss" in out and "sample 2" in out
-    assert "LoRA r=8 alpha=16 on all" in out and "you> Name three primary colors." in out
+    assert "best val loss" in out and "sample 2" in out
+    assert "full fine-tuning" in out and "you> Name three primary colors." in out
     assert out.count("assistant> ") == 3  # three questions; the /set line answers in its own words
+    assert "55 held-out questions" in out and "ROUGE-L" in out and "answer loss" in out
+    assert "before fine-tuning" in out and "after fine-tuning" in out
     chat, sample = out.strip().splitlines()[-2:]
-    assert chat == f"kiln chat {run_dir / 'lora' / 'best'}"
+    assert chat == f"kiln chat {run_dir / 'sft' / 'best'}"
     monkeypatch.setattr("sys.stdin", io.StringIO("Say hi.\n/quit\n"))
     assert run(capsys, *shlex.split(chat)[1:], "--max-new-tokens", "5")[0] == 0
     assert sample.startswith(f"kiln sample {run_dir / 'best'} --prompt")
     assert run(capsys, *shlex.split(sample)[1:], "--max-new-tokens", "5")[0] == 0
 
 
-def test_demo_falls_back_to_python_docs_when_shakespeare_is_missing(capsys, tmp_path, monkeypatch):
+def test_demo_falls_back_to_python_docs_when_wikitext_is_missing(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_DATA_DIR", str(tmp_path / "empty-mirror"))
     monkeypatch.setattr("kiln.data.registry.DATASETS", _offline_registry())
     code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "2s", "--finetune-time", "2s")
     assert code == 0
-    assert "Tiny Shakespeare could not be obtained" in out and "python-docs" in out
-    assert (tmp_path / "demo" / "python-docs-char" / "train.bin").is_file()
+    assert "WikiText-2 could not be obtained" in out and "python-docs" in out
+    assert (tmp_path / "demo" / "python-docs-bpe4096" / "train.bin").is_file()
     assert "skipping fine-tuning" in out  # the instruction set is not to be had either
 
 

@@ -127,15 +127,15 @@ def run_service(name: str, data: Path, fake_kiln: Path, **env: str) -> list[str]
     return fake_kiln.read_text().splitlines() if fake_kiln.exists() else []
 
 
-def make_run(data: Path, lora: bool) -> Path:
+def make_run(data: Path, finetuned: bool) -> Path:
     run = data / "demo" / "chatbot"
     (run / "best").mkdir(parents=True)
-    if lora:
-        (run / "lora" / "best").mkdir(parents=True)
+    if finetuned:
+        (run / "sft" / "best").mkdir(parents=True)
     return run
 
 
-TRAIN_CALL = "demo --out {data}/demo --run-name chatbot --time 3m --finetune-time 2m"
+TRAIN_CALL = "demo --out {data}/demo --run-name chatbot --time 200s --finetune-time 140s"
 
 
 def test_train_runs_the_demo_once(tmp_path, fake_kiln):
@@ -146,21 +146,21 @@ def test_train_runs_the_demo_once(tmp_path, fake_kiln):
 
 def test_train_clears_a_run_cut_short_and_trains_it_again(tmp_path, fake_kiln):
     data = tmp_path / "data"
-    leftover = make_run(data, lora=False) / "last"
+    leftover = make_run(data, finetuned=False) / "last"
     leftover.mkdir()  # a demo killed before it finished: no marker
     assert run_service("train", data, fake_kiln) == [TRAIN_CALL.format(data=data)]
     assert not leftover.exists()
 
 
-def test_serve_picks_the_demos_lora_chatbot(tmp_path, fake_kiln):
+def test_serve_picks_the_demos_finetuned_chatbot(tmp_path, fake_kiln):
     data = tmp_path / "data"
-    run = make_run(data, lora=True)
+    run = make_run(data, finetuned=True)
     (calls,) = run_service("serve", data, fake_kiln)
-    assert calls == f"serve {run}/lora --host 0.0.0.0 --port 8000 --db {data}/chat.db"
+    assert calls == f"serve {run}/sft --host 0.0.0.0 --port 8000 --db {data}/chat.db"
 
 
 def test_serve_falls_back_to_the_base_model_and_passes_the_api_key(tmp_path, fake_kiln):
     data = tmp_path / "data"
-    run = make_run(data, lora=False)
+    run = make_run(data, finetuned=False)
     (calls,) = run_service("serve", data, fake_kiln, KILN_API_KEY="s3cret")
     assert calls == f"serve {run}/best --host 0.0.0.0 --port 8000 --db {data}/chat.db --api-key s3cret"
