@@ -43,6 +43,7 @@ INSTRUCTIONS = "instruction-data"
 # Its val and test splits never do.
 INSTRUCTION_REPEATS = 3
 DEMO_PROMPTS = ("The history of the city", "The opposite of hot is")
+SAMPLE_TOKENS = 120
 TEMPLATE = "alpaca"
 FINETUNE_SETTINGS: dict = {}  # full fine-tuning at the pretrained context (256 tokens hold every example)
 CHAT_SAMPLING = SamplingConfig(max_new_tokens=150, temperature=0.7, top_k=50, seed=0)  # `kiln chat`'s defaults
@@ -75,7 +76,7 @@ def run_demo(
     for number, prompt in enumerate(DEMO_PROMPTS):
         console.print(f"\n[bold]sample {number + 1}[/bold] (prompt {prompt!r}, temperature 0.8):")
         print(prompt, end="")
-        config = SamplingConfig(max_new_tokens=120, temperature=0.8, top_k=200, seed=number)
+        config = SamplingConfig(max_new_tokens=SAMPLE_TOKENS, temperature=0.8, top_k=200, seed=number)
         print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, prompt, config))
     tuned = _finetune_and_chat(console, best, run_dir, data_dir, finetune_seconds) if finetune_seconds > 0 else None
     if tuned is not None:

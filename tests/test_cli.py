@@ -12,6 +12,7 @@ import pytest
 
 import kiln
 from kiln.cli import main
+from kiln.generate.sampling import SamplingConfig
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -86,7 +87,10 @@ def test_prepare_prints_a_summary(capsys, tmp_path, mirror):
 def test_demo_prepares_trains_samples_finetunes_chats_scores_and_says_how_to_go_on(
     capsys, tmp_path, mirror, monkeypatch
 ):
-    monkeypatch.setattr("kiln.demo.HELD_OUT_TOKENS", 4)  # a model trained for seconds never stops on its own
+    # A model trained for seconds never stops on its own: short samples, answers and scores keep this quick.
+    monkeypatch.setattr("kiln.demo.SAMPLE_TOKENS", 8)
+    monkeypatch.setattr("kiln.demo.CHAT_SAMPLING", SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=50, seed=0))
+    monkeypatch.setattr("kiln.demo.HELD_OUT_TOKENS", 4)
     code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--time", "4s", "--finetune-time", "5s")
     assert code == 0
     assert "wikitext-2 + instruction-data train x3, BPE 4,096" in out and "BPE trained in" in out

@@ -317,8 +317,8 @@ def _after(
     say.say(
         "`make demo` walks the same path with a base that reads English: a byte-level BPE trained on WikiText-2 "
         f"(with these instructions' train split mixed in), the {DEMO_PRESET} preset (4.27M parameters), and "
-        "fine-tuning of every weight, which for a model this small does better than LoRA. Its answers keep to "
-        "the question (docs/finetune.md)."
+        "fine-tuning of every weight, which for a model this small does better than LoRA. Its answers take the "
+        'question\'s own form ("The past tense of ... is ..."), still without the facts (docs/finetune.md).'
     )
     return {
         "answer_after": after,
