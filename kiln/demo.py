@@ -53,7 +53,7 @@ CHAT_SCRIPT = (
     "/set temperature=0",
     "Translate 'thank you' into French.",
 )
-HELD_OUT_TOKENS = 100  # the longest test answer is 60 tokens; a model that never stops is cut here
+HELD_OUT_TOKENS = 100  # the longest test answer is 50 tokens; a model that never stops is cut here
 
 
 def run_demo(
