@@ -15,7 +15,8 @@ batches of 2 windows cut at stride 256, AdamW (lr 5e-4, weight decay 0.1), 10 ep
 
 Each side runs in a fresh process, one after the other, so wall time (process start to exit), CPU time
 and peak RSS (the child's ru_maxrss) are its own; on a machine shared with other work, CPU time is the
-figure that holds (run it with OMP_WAIT_POLICY=PASSIVE then, so threads waiting for a core do not spin). Both report val loss as the mean over the same val windows (the
+figure that holds (run it with OMP_WAIT_POLICY=PASSIVE then, so threads waiting for a core do not spin).
+Both report val loss as the mean over the same val windows (the
 split's stride-256 windows: 2 of 256 tokens); a third process reloads Kiln's best and last checkpoints
 and scores them on the baseline's own val windows, so the two sides' numbers are the same measurement.
 Bars: Kiln's wall time <= 1/2 of the baseline's (goal 1/3), best val <= the baseline's, peak RSS <=
