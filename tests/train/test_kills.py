@@ -77,16 +77,25 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_still_resumes(tmp
     env = {**os.environ, "KILN_QUIET": "1"}
     straight = subprocess.run(command(tmp_path / "straight", "adamw", False), env=env, capture_output=True)
     assert straight.returncode == 0
-    out = tmp_path / "stopped"
-    run = subprocess.Popen(command(out, "adamw", False), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (out / "last").exists() and time.time() < deadline:  # it is training
-        time.sleep(0.05)
-    run.send_signal(signal.SIGINT)
-    time.sleep(0.01)  # within the step it was asked to finish, or the save after it
-    run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=60)
-    assert run.returncode == 130 and err.decode().strip().splitlines()[-1] == "kiln: interrupted", err.decode()
+    # The second Ctrl-C must land while the first is still being honoured (the step, then the save). On a
+    # fast machine the tiny model's step and save can be done first, which is a clean stop and not this
+    # test's case: then try again.
+    for attempt in range(5):
+        out = tmp_path / f"stopped{attempt}"
+        run = subprocess.Popen(command(out, "adamw", False), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not (out / "last").exists() and time.time() < deadline:  # it is training
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        time.sleep(0.01)  # within the step it was asked to finish, or the save after it
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 130, err.decode()
+        if err.decode().strip().splitlines()[-1] == "kiln: interrupted":
+            break
+        assert "stopped by SIGINT" in err.decode()  # the first Ctrl-C's clean stop beat the second
+    else:
+        pytest.fail("in 5 tries the run always finished its clean stop before the second Ctrl-C arrived")
     assert 0 < resumable_step(out / "last") < 300  # the checkpoint from before, or the one just saved: whole
     resumed = subprocess.run(command(out, "adamw", True), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
