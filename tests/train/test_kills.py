@@ -84,7 +84,15 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_still_resumes(tmp
     gaps = (0.01, 0.002, 0.004, 0.001, 0.006, 0.003, 0.0005, 0.002, 0.001, 0.004)
     for attempt, gap in enumerate(gaps):
         out = tmp_path / f"stopped{attempt}"
-        run = subprocess.Popen(command(out, "adamw", False), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        run = subprocess.Popen(
+            command(out, "adamw", False),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # A shell's background job (CI started with `&`) inherits SIGINT ignored, and Python keeps it
+            # so: the second Ctrl-C would be ignored as the user's shell asked. Give the child the default.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.time() + 120
         while not (out / "last").exists() and time.time() < deadline:  # it is training
             time.sleep(0.05)
