@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,7 @@ class BaselineBlock(nn.Module):
 class BaselineGPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
         super().__init__()
+        self.config = SimpleNamespace(block_size=block_size)  # as nanoGPT's GPT keeps its config
         self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
         self.h = nn.ModuleList(BaselineBlock(n_embd, n_head) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
@@ -229,21 +231,6 @@ def run_kiln(data, preset: str, settings: dict, run_dir: str, clock: TurnClock |
             clock.stop()
 
 
-def score_windows(logits_of, ids: torch.Tensor, block_size: int) -> float:
-    """Mean cross-entropy of ids[1:] over non-overlapping windows of block_size, each token predicted
-    once from the window it falls in (the last window reaches back for full context): the windows
-    `kiln evaluate` scores a prepared split with, here for a model that is not Kiln's."""
-    nats, first, n = 0.0, 1, len(ids)
-    with torch.no_grad():
-        while first < n:
-            end = min(first + block_size, n)
-            start = max(0, end - 1 - block_size)
-            logits = logits_of(ids[start : end - 1][None])[0, first - 1 - start :]
-            nats += F.cross_entropy(logits.float(), ids[first:end], reduction="sum").item()
-            first = end
-    return nats / (n - 1)
-
-
 def train_alone(data, preset: str, seconds: float, run_dir: str, threads: int) -> dict:
     """One Kiln run of `preset` for `seconds`, its best/ scored as `kiln evaluate` scores the val split."""
     out: dict = {}
@@ -264,14 +251,14 @@ def main() -> int:
     args = parser.parse_args()
     data = training_data("tinyshakespeare", "char", os.environ.get("KILN_DATA_DIR"))
     threads = torch.get_num_threads()
-    val_ids = torch.from_numpy(data.tokens("val").astype("int64"))
     console = Console(width=200)
 
     with tempfile.TemporaryDirectory() as tmp:
         alone, baseline = Alone(), {}
         run_baseline(data, args.iters, alone, threads, baseline)
         T = alone.active - baseline["eval_seconds"]
-        base_val = score_windows(lambda x: baseline["model"](x)[0], val_ids, SHAPE["block_size"])
+        # The same windows and sum as Kiln's runs: token_metrics takes any model that returns (logits, loss).
+        base_val = token_metrics(baseline["model"], data.tokenizer, data.tokens("val")).loss
         console.print(f"baseline: {args.iters:,} steps in {T:.1f} s of training (T), val {base_val:.4f}")
 
         runs = []
