@@ -36,6 +36,17 @@ def _add_one_per_line(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
+        help="weights for decoding: auto (default: fp16 on x86 CPUs for models too big for the caches, else "
+        "fp32), fp32 (exact), fp16 (half the bytes, fp32 arithmetic: about 2x faster; greedy text may part "
+        "from fp32's where two tokens nearly tie), bf16 (half the bytes, rounder)",
+    )
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
 
@@ -167,13 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when this text appears (repeatable; \\n and \\t stand for newline and tab)",
     )
     sa.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, decoded as one batch")
-    sa.add_argument(
-        "--precision",
-        choices=["fp32", "fp16", "bf16"],
-        default="fp32",
-        help="weights for decoding: fp32 (exact), fp16 (half the bytes, fp32 arithmetic: about 2x faster on "
-        "x86 CPUs; greedy text may part from fp32's where two tokens nearly tie), bf16 (half the bytes, rounder)",
-    )
+    _add_decoding_precision(sa)
     _add_device(sa)
 
     ft = commands.add_parser(
@@ -226,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--repetition-penalty", type=float, default=1.0)
     ch.add_argument("--seed", type=int)
     ch.add_argument("--compare", action="store_true", help="answer each question twice: the base, then the tuned model")
+    _add_decoding_precision(ch)
     _add_device(ch)
 
     sv = commands.add_parser(
@@ -633,7 +639,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sys.stdin.reconfigure(errors="surrogateescape")
     sampling = sampling_settings(args, seed=args.seed)
     device = pick_device(args.device)
-    session = ChatSession.from_checkpoint(args.checkpoint, system=args.system, sampling=sampling, device=device)
+    session = ChatSession.from_checkpoint(
+        args.checkpoint, system=args.system, sampling=sampling, device=device, precision=args.precision
+    )
     if args.compare:
         from kiln.checkpoint import run_name, tuned_from
         from kiln.generate.chat import CompareSessions
@@ -643,7 +651,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             raise ConfigError(
                 f"{args.checkpoint}: not a fine-tuned model with its base at hand, so there is nothing to compare"
             )
-        base_session = ChatSession.from_checkpoint(base, system=args.system, sampling=sampling, device=device)
+        base_session = ChatSession.from_checkpoint(
+            base, system=args.system, sampling=sampling, device=device, precision=args.precision
+        )
         names = [run_name(base), run_name(Path(args.checkpoint))]
         if names[0] == names[1]:
             names = ["base", "tuned"]

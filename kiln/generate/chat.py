@@ -25,6 +25,7 @@ from kiln.data.tokenizers.char import UnknownCharacter
 from kiln.errors import ConfigError, KilnError, TokenizerError
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.gpt import GPT
+from kiln.model.packed import pack_for_decoding
 
 
 class UnreadableMessage(TokenizerError):
@@ -96,14 +97,16 @@ class ChatSession:
         system: str | None = None,
         sampling: SamplingConfig | None = None,
         device: str = "cpu",
+        precision: str | None = None,
     ) -> ChatSession:
         """A session with the model in a checkpoint folder, in the template it was fine-tuned with
-        (none for a base model)."""
+        (none for a base model); `precision` packs its weights for decoding (kiln.model.packed)."""
         checkpoint = load_checkpoint(folder, device=device)
         if checkpoint.tokenizer is None:
             raise KilnError(f"{folder}: has no tokenizer/ folder, so the model's output cannot be turned into text")
         template = get_template(checkpoint.info.get("template"))
-        return cls(checkpoint.model, checkpoint.tokenizer, template, sampling, system)
+        model = checkpoint.model if precision is None else pack_for_decoding(checkpoint.model, precision)
+        return cls(model, checkpoint.tokenizer, template, sampling, system)
 
     @property
     def is_base_model(self) -> bool:

@@ -90,3 +90,26 @@ def test_without_the_cpu_kernels_half_precisions_cast_the_model(monkeypatch):
     monkeypatch.setattr(packed, "fbgemm_available", lambda device: False)
     with pytest.raises(ConfigError, match="fbgemm"):
         pack_for_decoding(tiny("gpt2"), "fp16")
+
+
+def test_auto_keeps_fp32_where_the_weights_fit_in_cache_and_off_fbgemm(monkeypatch):
+    model = tiny("gpt2")
+    assert packed.decoding_precision(model) == ("fp32", "the weights fit in cache")
+    assert all(type(m) is not Fp16Linear for m in pack_for_decoding(copy.deepcopy(model), "auto").modules())
+    monkeypatch.setattr(packed, "FP16_MIN_BYTES", 0)
+    monkeypatch.setattr(packed, "fbgemm_available", lambda device: False)
+    assert packed.decoding_precision(model)[0] == "fp32"
+
+
+@fbgemm
+def test_auto_decodes_big_weights_in_fp16_unless_one_is_past_its_range(monkeypatch):
+    model = tiny("llama")
+    monkeypatch.setattr(packed, "FP16_MIN_BYTES", 0)  # as if the model were too big for the caches
+    assert packed.decoding_precision(model)[0] == "fp16"
+    fast = pack_for_decoding(copy.deepcopy(model), "auto")
+    assert {type(m) for m in fast.modules() if not list(m.children())} & {nn.Linear, Fp16Linear} == {Fp16Linear}
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight[0, 0] = 1e5
+    assert packed.decoding_precision(model) == ("fp32", "a weight is past fp16's range")
+    assert not any(type(m) is Fp16Linear for m in pack_for_decoding(model, "auto").modules())
+
