@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kiln.errors import ConfigError
+from kiln.model import head_loss
+from kiln.model.head_loss import IGNORE  # a target the loss skips (padding, prompt tokens)
 from kiln.model.kv_cache import KVCache, SlotCache
 
 BLOCK_STYLES = ("gpt2", "llama")
@@ -24,7 +27,6 @@ ACTIVATIONS = ("gelu", "gelu_tanh")
 # PyTorch default (nn.Embedding N(0, 1), nn.Linear Kaiming-uniform), as LLMs-from-scratch's GPTModel
 # has: its large fixed-looking embeddings let a small text be fitted far faster (docs/bench-pretrain.md).
 INITS = ("gpt2", "torch")
-IGNORE = -100  # a target the loss skips (padding, prompt tokens): torch's ignore_index
 RENAMED = {"tie_weights": "tie_word_embeddings"}  # settings read from configs written before a rename
 
 
@@ -99,6 +101,10 @@ class GPTConfig:
         return cls(**values)
 
 
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+
+
 class Attention(nn.Module):
     """Causal self-attention with one fused q/k/v projection; keys and values may use fewer heads."""
 
@@ -140,7 +146,15 @@ class Attention(nn.Module):
         q, k, v = self._project(x, rope)
         k, v = self._expand_kv(k, v)
         dropout = self.dropout if self.training else 0.0
-        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout))
+        if dropout and q.device.type == "cpu" and torch.is_grad_enabled():
+            # With dropout a CPU has no fused kernel: attention is computed whole, and autograd would keep
+            # two [heads, T, T] fp32 matrices a layer (216 MB for GPT-2 small at context 256, batch 2).
+            # Kept are q, k and v; backward recomputes the rest with the same dropout mask (checkpoint
+            # replays the RNG), about 1% of a step.
+            y = checkpoint(_causal_attention, q, k, v, dropout, use_reentrant=False)
+        else:
+            y = _causal_attention(q, k, v, dropout)
+        return self._merge(y)
 
     def decode(self, x: torch.Tensor, rope, cache: KVCache, layer: int) -> torch.Tensor:
         """Inference: the new positions attend to the cached ones and to each other, causally."""
@@ -389,23 +403,36 @@ class GPT(nn.Module):
         return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, logits_at: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+        loss_sum: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The training forward: logits for every position, and the mean cross-entropy when `targets`
         are given (-100 marks a position to ignore). With `logits_at` (a bool mask shaped like `idx`) the
         head runs only where it is true, and logits are [N, vocab] in order: a loss that reads a few
-        positions (fine-tuning's answers) skips most of the head over the vocabulary."""
+        positions (fine-tuning's answers) skips most of the head over the vocabulary. With `loss_sum`
+        the loss is the sum, and for a large vocabulary the logits are never kept whole (returned as
+        None; kiln.model.head_loss)."""
         x, rope = self._embed(idx, 0)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
         if logits_at is not None:
             x, targets = x[logits_at], None if targets is None else targets[logits_at]
+        if loss_sum and targets is not None and self.config.vocab_size >= head_loss.MIN_VOCAB:
+            hidden = self.norm_f(x)
+            return None, head_loss.head_loss_sum(hidden.flatten(0, -2), self.lm_head.weight, targets.flatten())
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
-            logits_2d = logits.reshape(-1, logits.size(-1)).float()
-            loss = F.cross_entropy(logits_2d, targets.reshape(-1), ignore_index=IGNORE)
+            logits_2d = logits.reshape(-1, logits.size(-1))
+            # bf16 logits lose too much in the softmax's sum
+            logits_2d = logits_2d if logits_2d.dtype == torch.float64 else logits_2d.float()
+            loss = F.cross_entropy(
+                logits_2d, targets.reshape(-1), ignore_index=IGNORE, reduction="sum" if loss_sum else "mean"
+            )
         return logits, loss
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError
+from kiln.model import gpt
 from kiln.model.gpt import GPT, Attention, GPTConfig, RMSNorm, apply_rope, rope_tables
 from kiln.model.gpt import _RMSNorm as RMSNormFunction
 from kiln.model.kv_cache import KVCache
@@ -207,3 +208,30 @@ def test_rms_norm_and_its_hand_written_backward_match_autograd_of_the_formula():
     torch.testing.assert_close(x_frozen.grad, got[0])
     x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5), (x64[:1, :2], w64))
+
+
+def test_attention_with_dropout_keeps_no_score_matrix_and_gives_the_same_gradients(monkeypatch):
+    """On a CPU, attention with dropout has no fused kernel; the model keeps q, k, v and recomputes the
+    [T, T] scores in backward with the same dropout mask."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.2)
+    model = GPT(config).train()
+    idx = torch.randint(0, 50, (2, 32))
+
+    def loss_and_grads():
+        torch.manual_seed(7)
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            _, loss = model(idx, idx)
+        model.zero_grad()
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters()], shapes
+
+    loss, grads, shapes = loss_and_grads()
+    assert not any(shape[-2:] == (32, 32) for shape in shapes)
+    monkeypatch.setattr(gpt, "checkpoint", lambda fn, *args, **kwargs: fn(*args))  # attention kept whole
+    plain_loss, plain_grads, plain_shapes = loss_and_grads()
+    assert any(shape[-2:] == (32, 32) for shape in plain_shapes)  # what the checkpoint spares
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for ours, theirs in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(ours, theirs)
