@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kiln.atomic import linked_copy, recover_dir
@@ -47,7 +46,7 @@ from kiln.distributed import (
 from kiln.errors import ConfigError, KilnError, TrainingStopped
 from kiln.model.gpt import GPT, IGNORE, GPTConfig
 from kiln.train.metrics import METRICS_FILE, MetricsLog
-from kiln.train.optim import OptimConfig, build_optimizers, continued_lr_factor, set_learning_rates
+from kiln.train.optim import OptimConfig, UpdateInBackward, build_optimizers, continued_lr_factor, set_learning_rates
 from kiln.train.parallel import (
     check_optimizer_fits,
     full_model_copy,
@@ -124,8 +123,9 @@ class TrainConfig:
     parallel: str = "ddp"  # with several processes: ddp (a full copy each) or fsdp (weights sharded, FSDP2)
     log: str = "jsonl"  # metrics.jsonl always; tensorboard also writes TensorBoard event files
     # false: checkpoints hold the weights alone (a third of the bytes with AdamW: 0.65 GB, not 1.95, for
-    # an untied GPT-2 124M) and the run cannot be resumed; for short runs of big models, whose optimizer
-    # state would cost more to write at every evaluation than a resume could save.
+    # an untied GPT-2 124M), last/ is written only when the val loss improves and at the end, and the
+    # run cannot be resumed; for short runs of big models, whose checkpoints would cost more to write at
+    # every evaluation than a resume could save.
     resumable: bool = True
 
     def __post_init__(self) -> None:
@@ -151,10 +151,7 @@ class TrainConfig:
 def token_loss_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over the targets that are not IGNORE."""
     inputs, targets = batch
-    logits, _ = model(inputs)
-    logits = logits.flatten(0, 1)
-    logits = logits if logits.dtype == torch.float64 else logits.float()  # bf16 logits lose too much in the sum
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return model(inputs, targets, loss_sum=True)[1]
 
 
 def target_count(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -433,6 +430,7 @@ def train_model(
     # For fitting a time limit: wall time outside evaluations (so loading, logging and callbacks count),
     # and what the last evaluation-and-save cost.
     eval_clock = {"total": 0.0, "last": None}
+    saved_at = {"last": None}  # the step whose weights last/ holds
     last_fit = (0, time.perf_counter())  # (steps into this session, wall time outside evaluations then)
     limit_steps = total_steps  # the iteration / token / epoch limit, which a time limit can only shorten
     step_seconds = 0.0  # time in training steps since the last evaluation, for tokens/s and MFU
@@ -494,7 +492,11 @@ def train_model(
         since_best = 0 if improved else since_best + 1
         if step == 0:
             first_val = val_loss
-        save(run_dir / "last")
+        # A run that cannot resume needs last/ only as the weights it ends with (written once the loop
+        # is over) and as best/'s source: the writes of weights that neither improved nor end are saved.
+        if config.resumable or improved:
+            save(run_dir / "last")
+            saved_at["last"] = step
         if improved:  # the same checkpoint: best/ takes hard links to last/'s files instead of a second write
             if world.is_main:
                 linked_copy(run_dir / "last", run_dir / "best")
@@ -512,6 +514,10 @@ def train_model(
     # Sharded (FSDP) and compiled models manage their own weights; GPUs cast fast enough.
     cached_casts = device.type == "cpu" and config.parallel != "fsdp" and not config.compile
     uncast_weights = cast_frozen_weights(module, amp if cached_casts else None)
+    # Nothing needs the gradients together (no clipping, no accumulation, one process): update each
+    # weight as backward completes its gradient, and free it.
+    alone = not optim_config.grad_clip and config.grad_accum == 1 and not world.distributed
+    in_backward = UpdateInBackward(optimizers) if alone else None
     stopped_by = 0
     try:
         while total_steps is None or step < total_steps:
@@ -552,7 +558,7 @@ def train_model(
             if optim_config.grad_clip:
                 # foreach: one fused norm over all gradients instead of one small op per tensor.
                 torch.nn.utils.clip_grad_norm_(trainable, optim_config.grad_clip, foreach=True)
-            for optimizer in optimizers:
+            for optimizer in optimizers if in_backward is None else []:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             reduced = summed_loss()
@@ -595,12 +601,16 @@ def train_model(
     finally:
         stop_catching()
         uncast_weights()
+        if in_backward is not None:
+            in_backward.remove()
     if stopped_by:
         if evaluated_at != step:
             save(run_dir / "last")
         raise TrainingStopped(signal.Signals(stopped_by).name, stopped_by, step, run_dir / "last")
     if evaluated_at != step:  # stopped by the clock between evaluations
         evaluate_and_save()
+    if saved_at["last"] != step:
+        save(run_dir / "last")
     if metrics:
         metrics.close()
     return TrainResult(

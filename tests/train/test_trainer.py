@@ -225,3 +225,56 @@ def test_a_run_that_need_not_resume_writes_the_weights_alone(verdict_char, tmp_p
     ]
     with pytest.raises(ConfigError, match="no training state, so it cannot be resumed"):
         train(*configs(verdict_char, max_iters=12, resumable=False), verdict_char, tmp_path / "r", resume=True)
+
+
+def test_a_run_that_need_not_resume_writes_last_only_when_val_improves_and_at_the_end(
+    verdict_char, tmp_path, monkeypatch
+):
+    from kiln.train import trainer
+
+    written, save_checkpoint = [], trainer.save_checkpoint
+    monkeypatch.setattr(
+        trainer, "save_checkpoint", lambda folder, *a: written.append(folder.name) or save_checkpoint(folder, *a)
+    )
+    model, optim, settings = configs(verdict_char, max_iters=30, eval_interval=2, resumable=False)
+    optim.lr = 3e-2  # too high to improve at every evaluation
+    train(model, optim, settings, verdict_char, tmp_path / "r")
+    val = [row["val_loss"] for row in metrics(tmp_path / "r")]
+    improved = [v < min(val[:i], default=float("inf")) for i, v in enumerate(val)]
+    assert not all(improved), "every evaluation improved: the test would not see a skipped write"
+    assert written == ["last"] * (sum(improved) + (not improved[-1]))
+    settings.resumable = True  # the same run, writing last/ at every evaluation, ends with the same weights
+    train(model, optim, settings, verdict_char, tmp_path / "resumable")
+    for name in ("last", "best"):
+        ours, theirs = (load_checkpoint(tmp_path / run / name).model.state_dict() for run in ("r", "resumable"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_without_clipping_each_weight_is_updated_in_backward_to_the_same_weights(verdict_char, tmp_path, monkeypatch):
+    from kiln.train import engine
+
+    model, optim, settings = configs(verdict_char, max_iters=6)
+    optim.grad_clip = 0.0
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    train(model, optim, settings, verdict_char, tmp_path / "in-backward")
+    parameters = len(list(GPT(model).parameters()))
+    assert len(steps) == 6 * parameters  # one update per weight as its gradient completes
+    steps.clear()
+    monkeypatch.setattr(engine, "UpdateInBackward", lambda optimizers: None)
+    train(model, optim, settings, verdict_char, tmp_path / "after")
+    assert len(steps) == 6
+    ours, theirs = (load_checkpoint(tmp_path / run / "last") for run in ("in-backward", "after"))
+    assert all(torch.equal(ours.model.state_dict()[k], v) for k, v in theirs.model.state_dict().items())
+    assert same_tree(ours.state.optimizers, theirs.state.optimizers)  # AdamW's state, as one step leaves it
+
+
+def same_tree(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
