@@ -3,7 +3,8 @@
 A change to the optimizer's settings or to the initialisation leaves the cost of a step as it is, so
 two recipes can be compared after the same number of steps, which a host whose speed drifts by 20-40%
 cannot spoil (a comparison at a fixed wall time can). 1,800 steps is about what 66 s gives on 2 cores.
-Val loss is measured on the same 100 fixed val batches as bench/pretrain_vs_nanogpt.py. Run from the
+Val loss is the loss over the whole val split in non-overlapping windows, as bench/pretrain_vs_nanogpt.py
+and `kiln evaluate` measure it. Run from the
 repository root (each variant takes about a minute):
 
     KILN_DATA_DIR=../shared/data .venv/bin/python bench/preset_recipes.py [--steps 1800] [--only "beta1 0.8" ...]
@@ -16,19 +17,16 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).parent))
-from pretrain_vs_nanogpt import fixed_val_batches  # noqa: E402
-
-from kiln.checkpoint import load_checkpoint  # noqa: E402
-from kiln.model.gpt import GPT  # noqa: E402
-from kiln.train.run import build_settings, training_data  # noqa: E402
-from kiln.train.trainer import estimate_loss, train  # noqa: E402
+from kiln.checkpoint import load_checkpoint
+from kiln.evaluate.perplexity import token_metrics
+from kiln.model.gpt import GPT
+from kiln.train.run import build_settings, training_data
+from kiln.train.trainer import train
 
 ZERO_INIT = "zero-init"  # a variant key that is not a setting: start the output projections at zero
 VARIANTS = {
@@ -71,9 +69,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run these variants (default: all)")
     args = parser.parse_args()
     data = training_data("tinyshakespeare", "char", os.environ.get("KILN_DATA_DIR"))
-    val_batches = fixed_val_batches(data, 64)
     table = Table(title=f"shakespeare-cpu after {args.steps:,} steps (seed 1337 unless named)")
-    for column in ("change to the recipe", "val loss (100 batches)", "wall s"):
+    for column in ("change to the recipe", "val loss (whole split)", "wall s"):
         table.add_column(column)
     for name in args.only or VARIANTS:
         changes = dict(VARIANTS[name])
@@ -84,7 +81,7 @@ def main() -> int:
             began = time.perf_counter()
             train(run.model, run.optim, run.train, data, tmp, init_model=zero_initialised(run) if zero else None)
             seconds = time.perf_counter() - began
-            val = estimate_loss(load_checkpoint(f"{tmp}/last").model, val_batches, torch.device("cpu"))
+            val = token_metrics(load_checkpoint(f"{tmp}/last").model, data.tokenizer, data.tokens("val")).loss
         table.add_row(name, f"{val:.4f}", f"{seconds:.0f}")
         print(f"{name}: {val:.4f}", flush=True)
     Console(width=160).print(table)
