@@ -67,7 +67,22 @@ def next_token(scores: torch.Tensor, config: SamplingConfig, generator: torch.Ge
     """[B, 1] ids: argmax when greedy, else a draw from softmax(scores)."""
     if config.temperature == 0:
         return scores.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)
+    return draw(scores.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, 1] ids, each drawn from its row of probabilities [B, V] by inverting the running total: the id
+    where a uniform draw times the row's total falls. One random number a row, where `torch.multinomial`
+    draws an exponential for every entry of the vocabulary (about 1 ms a token at GPT-2's 50,257 on a CPU
+    core, a fifth of a batch-of-8 decoding step). The total is kept in fp64, so no id with probability
+    zero (outside top-k or top-p) can be drawn."""
+    totals = probs.double().cumsum(dim=-1)
+    uniform = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    ids = torch.searchsorted(totals, uniform * totals[:, -1:], right=True)
+    if bool((ids >= probs.shape[-1]).any()):  # uniform * total rounded up to the total: the last possible id
+        last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1, keepdim=True)
+        ids = torch.minimum(ids, last)
+    return ids
 
 
 @torch.no_grad()

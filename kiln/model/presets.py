@@ -36,7 +36,8 @@ PRESETS: dict[str, Preset] = {
     # For about 5 minutes on 2 cores (bench/pretrain_vs_nanogpt.py's 5T budget): searched at 330 s each,
     # judged by `kiln evaluate` on best/ (the whole val split in windows of the model's context): 2/4/128
     # at block 128 1.520 (block 64: 1.534), 4/4/128 at block 128 1.517, at block 256 (batch 6) 1.544,
-    # with Muon 1.559; 4/4/256 in bf16 made too few steps (1.77 at step 500 of 640). See docs/bench-pretrain.md.
+    # with Muon 1.559, with dropout 0.1 1.665 (8.9k tokens/s against 14.5k: a CPU has no fused attention
+    # with dropout); 4/4/256 in bf16 made too few steps (1.77 at step 500 of 640). See docs/bench-pretrain.md.
     "shakespeare-cpu-long": Preset(
         "shakespeare-cpu for a budget of about 5 minutes: 4 layers and context 128 (llama, 4/4/128, block 128)",
         dict(block_style="llama", n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0),

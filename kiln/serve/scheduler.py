@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.generate.sampling import SamplingConfig, TextStream, process_logits
+from kiln.generate.sampling import SamplingConfig, TextStream, draw, process_logits
 from kiln.serve.auth import APIError
 from kiln.serve.models import Engine, ModelRegistry, ServedModel
 
@@ -194,7 +194,7 @@ class Scheduler:
                 continue
             probs = scores.softmax(dim=-1)
             for i, row in enumerate(rows):
-                tokens[row] = int(torch.multinomial(probs[i], 1, generator=jobs[row].generator))
+                tokens[row] = int(draw(probs[i : i + 1], jobs[row].generator))
         for row, job in enumerate(jobs):
             self._advance(job, tokens[row])
 

@@ -143,3 +143,38 @@ def test_a_text_stream_shows_all_but_what_may_still_become_a_stop_string(text, s
         assert shown == seen[: len(seen) - held]
     else:
         assert shown + stream.finish() == text
+
+
+def test_draws_follow_the_probabilities_and_never_pick_an_id_of_probability_zero():
+    from kiln.generate.sampling import draw
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros_like(probs)
+    draws = 20_000
+    for _ in range(draws):
+        ids = draw(probs, generator)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    assert counts[probs == 0].sum() == 0
+    # each share within 4 standard errors of its probability (binomial)
+    error = (probs * (1 - probs) / draws).sqrt()
+    assert ((counts / draws - probs).abs() <= 4 * error + 1e-12).all()
+
+
+def test_a_draw_at_the_very_top_of_the_range_still_picks_a_possible_id(monkeypatch):
+    from kiln.generate import sampling
+
+    # a uniform draw whose product with the total rounds up to the total itself
+    monkeypatch.setattr(sampling.torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=torch.float64))
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
+    assert sampling.draw(probs, None).tolist() == [[1]]
+
+
+def test_seeded_draws_repeat_and_differ_between_seeds():
+    from kiln.generate.sampling import draw
+
+    probs = torch.full((1, 1000), 1 / 1000)
+    first = [int(draw(probs, g)) for g in [torch.Generator().manual_seed(1)] for _ in range(20)]
+    again = [int(draw(probs, g)) for g in [torch.Generator().manual_seed(1)] for _ in range(20)]
+    other = [int(draw(probs, g)) for g in [torch.Generator().manual_seed(2)] for _ in range(20)]
+    assert first == again and first != other
