@@ -112,4 +112,3 @@ def test_auto_decodes_big_weights_in_fp16_unless_one_is_past_its_range(monkeypat
         model.blocks[0].mlp.up.weight[0, 0] = 1e5
     assert packed.decoding_precision(model) == ("fp32", "a weight is past fp16's range")
     assert not any(type(m) is Fp16Linear for m in pack_for_decoding(model, "auto").modules())
-
