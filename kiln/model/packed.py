@@ -114,6 +114,10 @@ def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return [(module, name, child) for module, name, child in children if type(child) is nn.Linear]
 
 
+def _largest_weight(linears: list[tuple[nn.Module, str, nn.Linear]]) -> float:
+    return max(float(child.weight.detach().abs().max()) for _, _, child in linears)
+
+
 def decoding_precision(model: nn.Module) -> tuple[str, str]:
     """The precision `auto` decodes `model` in (fp16 or fp32), and why in a few words."""
     device = next(model.parameters()).device
@@ -121,10 +125,10 @@ def decoding_precision(model: nn.Module) -> tuple[str, str]:
         return "fp32", f"{device.type} keeps fp32"
     if not fbgemm_available(device):
         return "fp32", "this CPU has no fbgemm fp16 product"
-    weights = [child.weight.detach() for _, _, child in _linears(model)]
-    if sum(w.numel() for w in weights) * 4 < FP16_MIN_BYTES:
+    linears = _linears(model)
+    if sum(child.weight.numel() for _, _, child in linears) * 4 < FP16_MIN_BYTES:
         return "fp32", "the weights fit in cache"
-    if max(float(w.abs().max()) for w in weights) > FP16_MAX:
+    if _largest_weight(linears) > FP16_MAX:
         return "fp32", "a weight is past fp16's range"
     return "fp16", "half the bytes to stream per token; --precision fp32 for exact"
 
@@ -147,7 +151,7 @@ def pack_for_decoding(model: nn.Module, precision: str = "auto", rows: int = 1) 
     if precision == "fp16" and device.type == "cpu":
         if not fbgemm_available(device):
             raise ConfigError("--precision fp16 needs fbgemm (x86 CPUs), which this torch lacks; use bf16 or fp32")
-        largest = max(float(child.weight.abs().max()) for _, _, child in linears)
+        largest = _largest_weight(linears)
         if largest > FP16_MAX:
             raise ConfigError(f"a weight of {largest:.3g} is past fp16's range; use --precision bf16 or fp32")
         for module, name, child in linears:

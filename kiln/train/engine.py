@@ -558,9 +558,10 @@ def train_model(
             if optim_config.grad_clip:
                 # foreach: one fused norm over all gradients instead of one small op per tensor.
                 torch.nn.utils.clip_grad_norm_(trainable, optim_config.grad_clip, foreach=True)
-            for optimizer in optimizers if in_backward is None else []:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if in_backward is None:  # else backward has already updated each weight
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             reduced = summed_loss()
             loss_value, stop_asked = float(reduced[0]) / global_units, reduced[1] > 0
             if not math.isfinite(loss_value):

@@ -174,7 +174,9 @@ def test_seeded_draws_repeat_and_differ_between_seeds():
     from kiln.generate.sampling import draw
 
     probs = torch.full((1, 1000), 1 / 1000)
-    first = [int(draw(probs, g)) for g in [torch.Generator().manual_seed(1)] for _ in range(20)]
-    again = [int(draw(probs, g)) for g in [torch.Generator().manual_seed(1)] for _ in range(20)]
-    other = [int(draw(probs, g)) for g in [torch.Generator().manual_seed(2)] for _ in range(20)]
-    assert first == again and first != other
+
+    def twenty_draws(seed: int) -> list[int]:
+        generator = torch.Generator().manual_seed(seed)
+        return [int(draw(probs, generator)) for _ in range(20)]
+
+    assert twenty_draws(1) == twenty_draws(1) != twenty_draws(2)
