@@ -41,8 +41,9 @@ def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=["auto", "fp32", "fp16", "bf16"],
         default="auto",
-        help="weights for decoding: auto (default: fp16 on x86 CPUs for models too big for the caches, else "
-        "fp32), fp32 (exact), fp16 (half the bytes, fp32 arithmetic: about 2x faster; greedy text may part "
+        help="weights for decoding: auto (default: fp16 on x86 CPUs for models too big for the caches, bf16 "
+        "for 8 or more samples at once on CPUs with bf16 arithmetic, else fp32), fp32 (exact), fp16 (half "
+        "the bytes, fp32 arithmetic: about 2x faster; greedy text may part "
         "from fp32's where two tokens nearly tie), bf16 (half the bytes, rounder)",
     )
 

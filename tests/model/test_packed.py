@@ -112,3 +112,17 @@ def test_auto_decodes_big_weights_in_fp16_unless_one_is_past_its_range(monkeypat
         model.blocks[0].mlp.up.weight[0, 0] = 1e5
     assert packed.decoding_precision(model) == ("fp32", "a weight is past fp16's range")
     assert not any(type(m) is Fp16Linear for m in pack_for_decoding(model, "auto").modules())
+
+
+def test_auto_decodes_a_big_batch_in_bf16_only_where_the_cpu_has_bf16_arithmetic(monkeypatch):
+    model = tiny("llama")
+    monkeypatch.setattr(packed, "FP16_MIN_BYTES", 0)  # as if the model were too big for the caches
+    monkeypatch.setattr(packed, "cpu_has_fast_bf16", lambda: True)
+    rows = packed.BF16_MIN_ROWS
+    if packed.onednn_available("cpu"):
+        assert packed.decoding_precision(model, rows)[0] == "bf16"
+        fast = pack_for_decoding(copy.deepcopy(model), "auto", rows=rows)
+        assert {m.dtype for m in fast.modules() if type(m) is packed.PackedLinear} == {torch.bfloat16}
+    assert packed.decoding_precision(model, rows - 1)[0] != "bf16"  # fewer rows stream the weights
+    monkeypatch.setattr(packed, "cpu_has_fast_bf16", lambda: False)  # emulated bf16 is slower than fp16
+    assert packed.decoding_precision(model, rows)[0] != "bf16"
