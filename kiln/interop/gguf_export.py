@@ -20,7 +20,7 @@ from kiln.checkpoint import load_checkpoint
 from kiln.data.tokenizers import CharTokenizer, Tokenizer
 from kiln.data.tokenizers.bpe import PAD
 from kiln.errors import KilnError
-from kiln.interop.layouts import to_hf_state_dict
+from kiln.interop.layouts import refuse_smeared_keys, to_hf_state_dict
 from kiln.interop.tokenizer_files import hf_backend
 from kiln.model.gpt import GPT
 
@@ -32,6 +32,7 @@ def _interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _check_exportable(model: GPT, tokenizer: Tokenizer | None, source: str) -> None:
+    refuse_smeared_keys(model.config)
     if model.config.block_style != "llama":
         raise KilnError(f"{source}: GGUF export is for llama-style models; use --to hf for gpt2-style ones")
     if tokenizer is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, KilnError
 from kiln.model.gpt import GPT, GPTConfig
 
 # Kiln activation name <-> transformers' (GPT-2's tanh approximation is "gelu_new" there).
@@ -17,10 +17,20 @@ GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 GPT2_ACTIVATIONS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+def refuse_smeared_keys(config: GPTConfig) -> None:
+    """Smeared keys have no counterpart in transformers' GPT-2 or Llama, nor in llama.cpp."""
+    if config.smear_keys:
+        raise KilnError(
+            "this model has smeared keys (smear_keys=true), which transformers and llama.cpp do not have, so it "
+            "cannot be exported; use it with kiln sample, chat, serve and evaluate"
+        )
+
+
 def hf_config(config: GPTConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None = None):
     """The transformers config object for a Kiln model shape."""
     from transformers import GPT2Config, LlamaConfig
 
+    refuse_smeared_keys(config)
     ids = dict(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     if config.block_style == "gpt2":
         return GPT2Config(

@@ -49,6 +49,12 @@ class GPTConfig:
     init: str = "gpt2"  # how fresh weights are drawn (INITS)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # Smeared keys (Olsson et al. 2022, "In-context learning and induction heads"): each head's key at
+    # position t is a learned mix of the keys computed at t and t-1, so one head can find "the token after
+    # an earlier copy of this one" and copy it, which a plain model needs two composed layers and many
+    # more steps to learn. The demo's tiny model answers with the question's own words only with it
+    # (docs/finetune.md). transformers' GPT-2 and Llama have no such keys, so such a model cannot be exported.
+    smear_keys: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -116,20 +122,40 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.rope = config.block_style == "llama"
+        # sigmoid(smear) of each key is its own position's, the rest the position before's; 0 starts at half
+        self.smear = nn.Parameter(torch.zeros(self.kv_heads)) if config.smear_keys else None
 
     def _project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values as (batch, heads, time, head_dim), rotated when the model uses RoPE."""
+        return self._project_from(x, rope, None)[:3]
+
+    def _project_from(self, x: torch.Tensor, rope, key_before: torch.Tensor | None):
+        """`_project` for x that continues a sequence, and the unsmeared key of x's last position (None
+        without smeared keys). `key_before` [batch, kv_heads, head_dim] is the unsmeared key of the
+        position before x's first (None: x starts the sequence)."""
         B, T, _ = x.shape
         heads = self.n_head + self.kv_heads
         # Queries and keys side by side as (batch, time, heads, head_dim), so RoPE rotates both at once.
         qk, v = self.qkv(x).split([heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         qk = qk.view(B, T, heads, self.head_dim)
+        last_key = None
+        if self.smear is not None:
+            q, k = qk.split([self.n_head, self.kv_heads], dim=2)
+            last_key = k[:, -1]
+            qk = torch.cat([q, self._smeared(k, key_before)], dim=2)
         if rope is not None:
             cos, sin = rope
             qk = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1))
         v = v.view(B, T, self.kv_heads, self.head_dim)
         q, k = qk.split([self.n_head, self.kv_heads], dim=2)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), last_key
+
+    def _smeared(self, k: torch.Tensor, key_before: torch.Tensor | None) -> torch.Tensor:
+        """Keys [B, T, kv_heads, head_dim] each mixed with the one before it."""
+        before = torch.zeros_like(k[:, :1]) if key_before is None else key_before[:, None].to(k.dtype)
+        shifted = torch.cat([before, k[:, :-1]], dim=1)
+        own = torch.sigmoid(self.smear).to(k.dtype)[:, None]
+        return own * k + (1 - own) * shifted
 
     def _expand_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kv_heads == self.n_head:
@@ -158,9 +184,9 @@ class Attention(nn.Module):
 
     def decode(self, x: torch.Tensor, rope, cache: KVCache, layer: int) -> torch.Tensor:
         """Inference: the new positions attend to the cached ones and to each other, causally."""
-        q, k, v = self._project(x, rope)
         past, T = cache.length, x.shape[1]
-        k, v = self._expand_kv(*cache.update(layer, k, v))
+        q, k, v, last_key = self._project_from(x, rope, cache.key_before(layer))
+        k, v = self._expand_kv(*cache.update(layer, k, v, last_key))
         # New queries sit at positions past..past+T-1 and see every key up to their own position; one
         # new query sees them all, so a step needs no mask.
         mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -169,8 +195,8 @@ class Attention(nn.Module):
     def decode_rows(self, x: torch.Tensor, rope, cache: SlotCache, layer: int, rows, positions) -> torch.Tensor:
         """Batched inference: row i's one new position sits at positions[i] of cache slot rows[i] and
         sees that slot's keys up to it; shorter slots are masked, so every sequence keeps its own length."""
-        q, k, v = self._project(x, rope)
-        keys, values = cache.write(layer, rows, positions, k[:, :, 0], v[:, :, 0])
+        q, k, v, last_key = self._project_from(x, rope, cache.keys_before(layer, rows, positions))
+        keys, values = cache.write(layer, rows, positions, k[:, :, 0], v[:, :, 0], last_key)
         k, v = self._expand_kv(keys, values)
         mask = torch.arange(keys.shape[2], device=x.device)[None, :] <= positions[:, None]
         return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]))
