@@ -29,6 +29,7 @@ from kiln.data.tokenizers import Tokenizer
 from kiln.device import pick_device
 from kiln.distributed import launched_world
 from kiln.errors import ConfigError
+from kiln.finetune.augment import with_swapped_words
 from kiln.finetune.dpo import Pairs, dpo_settings, run_dpo
 from kiln.finetune.examples import encode_conversations, steps_per_epoch
 from kiln.finetune.sft import finetune_settings, run_sft
@@ -78,6 +79,7 @@ def finetune_and_report(
     if config.block_size:
         model.resize_context(config.block_size)
     splits = data.split(seed=config.split_seed)
+    splits["train"] = with_swapped_words(splits["train"], config.word_swaps, seed=config.split_seed)
     encoded, truncated = {}, 0
     for name, conversations in splits.items():
         encoded[name], cut = encode_conversations(
@@ -94,6 +96,12 @@ def finetune_and_report(
         + ", ".join(f"{name} {len(examples):,}" for name, examples in encoded.items())
         + f"; template {template.name}"
     )
+    if config.word_swaps:
+        swapped = len(splits["train"]) - len(data.split(seed=config.split_seed)["train"])
+        print(
+            f"train holds {swapped:,} word-swapped copies ({config.word_swaps} of each example whose answer "
+            "repeats words of its question)"
+        )
     if data.duplicates:
         print(
             f"dropped {data.duplicates:,} exact duplicate examples before splitting "

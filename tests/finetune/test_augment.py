@@ -1,0 +1,65 @@
+"""Word-swapped copies of instruction examples: the words a question and its answer share are swapped,
+the same way in both, and only training examples are copied."""
+
+from __future__ import annotations
+
+from kiln.checkpoint import load_checkpoint
+from kiln.cli import main
+from kiln.data.instructions import Conversation, Message, load_instructions
+from kiln.finetune.augment import shared_words, with_swapped_words
+
+
+def example(question: str, answer: str, context: str = "") -> Conversation:
+    return Conversation([Message("user", question, context), Message("assistant", answer)], "test")
+
+
+CAPITAL = example("What is the capital of Sweden?", "The capital of Sweden is Stockholm.")
+TENSE = example("What is the past tense of 'fly'?", "The past tense of 'fly' is 'flew'.")
+SORT = example("Sort these words.", "Apple, Zebra", context="zebra, apple")
+NOTHING = example("Name a colour.", "Red.")
+
+
+def test_shared_words_are_the_content_words_of_both_the_prompt_and_the_answer():
+    assert shared_words(CAPITAL) == {"capital", "sweden"}
+    assert shared_words(TENSE) == {"past", "tense", "fly"}
+    assert shared_words(SORT) == {"zebra", "apple"}  # the input counts as part of the prompt
+    assert shared_words(NOTHING) == set()
+
+
+def test_each_copy_swaps_a_word_alike_in_question_and_answer_keeping_its_case():
+    train = [CAPITAL, TENSE, SORT, NOTHING]
+    mixed = with_swapped_words(train, copies=3, seed=1)
+    assert len(mixed) == 4 + 3 * 3  # no copy of an example with no shared words
+    assert all(example in mixed for example in train)
+    pool = {"capital", "sweden", "past", "tense", "fly", "zebra", "apple"}
+    capitals = [c for c in mixed if c.response.endswith(" is Stockholm.")]
+    tenses = [c for c in mixed if c.messages[0].content.endswith("'?")]
+    sorts = [c for c in mixed if c.messages[0].context]
+    assert len(capitals) == len(tenses) == len(sorts) == 4  # each example and its 3 copies
+    for copy in capitals:
+        *_, kind, _, city = copy.messages[0].content.removesuffix("?").split()
+        assert {kind, city.lower()} <= pool and kind.islower() and city[0].isupper()  # the case kept
+        assert copy.response == f"The {kind} of {city} is Stockholm."  # swapped alike in the answer
+    for copy in tenses:
+        word = copy.messages[0].content.split("'")[1]
+        assert word in pool and f"of '{word}' is 'flew'." in copy.response
+    for copy in sorts:
+        first, second = copy.messages[0].context.split(", ")
+        assert {first, second} <= pool and copy.response == f"{second.capitalize()}, {first.capitalize()}"
+    assert len({c.messages[0].content for c in capitals}) > 1  # the words do change
+    assert with_swapped_words(train, copies=3, seed=1) == mixed  # the same for the same seed
+    assert with_swapped_words(train, copies=0) == train
+
+
+def test_finetune_copies_the_training_examples_only(tmp_path, base_checkpoint, instruction_file, capsys):
+    splits = load_instructions(instruction_file).split()
+    sharing = sum(bool(shared_words(c)) for c in splits["train"])  # "Repeat the word." apple -> apple, ...
+    assert 0 < sharing < len(splits["train"])  # "Spell the word backwards." shares none
+    out = tmp_path / "run"
+    args = ["finetune", str(base_checkpoint), "--data", str(instruction_file), "--out", str(out)]
+    assert main([*args, "--max-iters", "2", "--set", "block_size=128", "--set", "word_swaps=2"]) == 0
+    printed = capsys.readouterr().out
+    train, val, test = (len(splits[name]) for name in ("train", "val", "test"))
+    assert f"train {train + 2 * sharing}, val {val}, test {test};" in printed
+    assert f"train holds {2 * sharing} word-swapped copies" in printed
+    assert load_checkpoint(out / "best").info["template"] == "alpaca"
