@@ -45,11 +45,18 @@ INSTRUCTION_REPEATS = 3
 DEMO_PROMPTS = ("The history of the city", "The opposite of hot is")
 SAMPLE_TOKENS = 120
 TEMPLATE = "alpaca"
-FINETUNE_SETTINGS: dict = {}  # full fine-tuning at the pretrained context (256 tokens hold every example)
+# Full fine-tuning at the pretrained context (256 tokens hold every example), with 8 word-swapped copies of
+# each training example (kiln/finetune/augment.py): with the preset's smeared keys they teach the model to
+# answer with the question's own words (docs/finetune.md).
+FINETUNE_SETTINGS: dict = {"word_swaps": 8}
 CHAT_SAMPLING = SamplingConfig(max_new_tokens=150, temperature=0.7, top_k=50, seed=0)  # `kiln chat`'s defaults
+# The model was fine-tuned on single questions, and a model this small that can copy words copies them from
+# earlier turns too, so each question starts a fresh conversation (/reset), as the demo's tip says.
 CHAT_SCRIPT = (
     "Name three primary colors.",
+    "/reset",
     "What is the opposite of hot?",
+    "/reset",
     "/set temperature=0",
     "Translate 'thank you' into French.",
 )
@@ -80,7 +87,10 @@ def run_demo(
         print_stream(stream_text(checkpoint.model, checkpoint.tokenizer, prompt, config))
     tuned = _finetune_and_chat(console, best, run_dir, data_dir, finetune_seconds) if finetune_seconds > 0 else None
     if tuned is not None:
-        console.print("\n[bold]Talk to them:[/bold]", soft_wrap=True)
+        console.print(
+            "\n[bold]Talk to them[/bold] (the chatbot learnt single questions: /reset before each new one):",
+            soft_wrap=True,
+        )
         print(f"kiln chat {tuned}")
     else:
         console.print("\n[bold]Talk to it:[/bold]", soft_wrap=True)

@@ -42,7 +42,7 @@ class FinetuneConfig:
     template: str | None = None  # None: chat for chat-format data, alpaca otherwise
     split_seed: int = 123
     # Word-swapped copies of each training example (kiln/finetune/augment.py): they teach a small model
-    # to answer with the question's own words. 0 = none; the demo uses 4.
+    # to answer with the question's own words. 0 = none; the demo uses 8.
     word_swaps: int = 0
 
     def optim(self, lr: float) -> OptimConfig:
