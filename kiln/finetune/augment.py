@@ -40,12 +40,12 @@ def with_swapped_words(train: list[Conversation], copies: int, seed: int = 0) ->
     in a shuffled order (the same for the same seed)."""
     if copies <= 0:
         return list(train)
-    pool = sorted({word for conversation in train for word in shared_words(conversation)})
+    shared = [(conversation, sorted(shared_words(conversation))) for conversation in train]
+    pool = sorted({word for _, words in shared for word in words})
     rng = random.Random(seed)
     swapped = []
     for _ in range(copies):
-        for conversation in train:
-            words = sorted(shared_words(conversation))
+        for conversation, words in shared:
             if words:
                 swapped.append(_swapped(conversation, {word: rng.choice(pool) for word in words}))
     mixed = list(train) + swapped

@@ -79,6 +79,7 @@ def finetune_and_report(
     if config.block_size:
         model.resize_context(config.block_size)
     splits = data.split(seed=config.split_seed)
+    originals = len(splits["train"])
     splits["train"] = with_swapped_words(splits["train"], config.word_swaps, seed=config.split_seed)
     encoded, truncated = {}, 0
     for name, conversations in splits.items():
@@ -97,10 +98,9 @@ def finetune_and_report(
         + f"; template {template.name}"
     )
     if config.word_swaps:
-        swapped = len(splits["train"]) - len(data.split(seed=config.split_seed)["train"])
         print(
-            f"train holds {swapped:,} word-swapped copies ({config.word_swaps} of each example whose answer "
-            "repeats words of its question)"
+            f"train holds {len(splits['train']) - originals:,} word-swapped copies ({config.word_swaps} of each "
+            "example whose answer repeats words of its question)"
         )
     if data.duplicates:
         print(
