@@ -2,10 +2,11 @@
 
     KILN_DATA_DIR=../shared/data python bench/dpo_demo_model.py [--checkpoint SFT] [--max-iters 200] [--lora-r R]
 
-Without --checkpoint it first builds the model `make demo` ends with: `shakespeare-cpu` pretrained on Tiny
-Shakespeare for 3 minutes, then LoRA-tuned on `instruction-data` for 2 minutes (r 8, all projections,
-context 512). That model, merged into one checkpoint with its vocabulary grown for the pairs' characters,
-is "before" and DPO's reference. Then DPO on
+Without --checkpoint it first builds the model `make demo` ended with before issue 19 (on which the figures
+in docs/finetune.md were measured): `shakespeare-cpu` pretrained on Tiny Shakespeare for 3 minutes, then
+LoRA-tuned on `instruction-data` for 2 minutes (r 8, all projections, context 512; bench/demo_quality.py
+builds the same model as its "before"). That model, merged into one checkpoint with its vocabulary grown
+for the pairs' characters, is "before" and DPO's reference. Then DPO on
 `instruction-data-with-preference` (929 train / 110 val / 55 test pairs: the same split as the
 instructions): full DPO, beta 0.5, the default learning rate, 200 steps of 8 pairs (1.7 epochs), the
 measured choice (docs/finetune.md). Before and after, on the held-out pairs: preference accuracy (pairs whose
@@ -22,25 +23,26 @@ import sys
 import time
 from pathlib import Path
 
+from demo_quality import old_demo_base, old_demo_finetune  # bench/, beside this script
+
 from kiln.checkpoint import load_checkpoint, save_checkpoint
 from kiln.data.instructions import load_instructions
 from kiln.data.preferences import load_preferences
 from kiln.data.templates import get_template
-from kiln.demo import DEMO_LORA, DEMO_PRESET, FINETUNE_SETTINGS, INSTRUCTIONS
+from kiln.demo import INSTRUCTIONS
 from kiln.evaluate.responses import answer_loss, score_responses
 from kiln.evaluate.run import evaluate
-from kiln.finetune.run import finetune_and_report, preference_tune_and_report, prepare_vocabulary
+from kiln.finetune.run import preference_tune_and_report, prepare_vocabulary
 from kiln.model.lora import LoraSettings
-from kiln.train.run import format_duration, train_and_report, training_data
+from kiln.train.run import format_duration
 
 PAIRS = "instruction-data-with-preference"
 SPLITS = ("test", "val")
 
 
 def demo_model(out: Path) -> Path:
-    """The demo's chatbot: 3 minutes of pretraining, 2 of LoRA on the instructions (as `make demo`)."""
-    base = train_and_report(training_data("tinyshakespeare", "char", None), DEMO_PRESET, {}, {"max_time": 180.0}, out)
-    return finetune_and_report(base, INSTRUCTIONS, out / "sft", {**FINETUNE_SETTINGS, "max_time": 120.0}, DEMO_LORA)
+    """The demo's chatbot before issue 19: 3 minutes of pretraining, 2 of LoRA on the instructions."""
+    return old_demo_finetune(old_demo_base(out), out / "sft")
 
 
 def before_dpo(folder: Path, out: Path) -> Path:
