@@ -250,8 +250,8 @@ def load_sides(folder: Path, hf_dir: Path):
         "Kiln --precision fp32: transposed weights": pack_for_decoding(copy.deepcopy(plain), "fp32"),
         "Kiln --precision bf16: bf16 weights, packed": pack_for_decoding(copy.deepcopy(plain), "bf16"),
     }
-    batch_model = pack_for_decoding(copy.deepcopy(plain), "auto", rows=BATCH)  # as kiln sample --num-samples 8
-    batch_precision = decoding_precision(plain, BATCH)[0]
+    batch_precision = decoding_precision(plain, BATCH)[0]  # what `auto` picks for kiln sample --num-samples 8
+    batch_model = pack_for_decoding(copy.deepcopy(plain), batch_precision, rows=BATCH)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir)
     hf_inputs = AutoTokenizer.from_pretrained(hf_dir)(PROMPT, return_tensors="pt")
     return sides, (batch_model, batch_precision), hf_model, hf_inputs, checkpoint.tokenizer

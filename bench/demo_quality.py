@@ -191,7 +191,7 @@ def english_share(checkpoint_path: Path, english: set[str]) -> dict:
             STOPS.get(template.name),
         )
         words = lower_words("".join(pieces))
-        question = set(lower_words(" ".join(f"{m.content} {m.context}" for m in example.prompt_messages())))
+        question = set(lower_words(example.prompt_text))
         total += len(words)
         found += sum(word in english for word in words)
         made_up += sum(word not in english and word not in question for word in words)

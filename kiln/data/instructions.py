@@ -46,6 +46,11 @@ class Conversation:
     def prompt_messages(self) -> list[Message]:
         return self.messages[:-1]
 
+    @property
+    def prompt_text(self) -> str:
+        """Every prompt turn's words and input, joined by spaces: what "the question" says."""
+        return " ".join(f"{m.content} {m.context}" for m in self.prompt_messages())
+
 
 @dataclass(frozen=True)
 class Format:

@@ -31,8 +31,7 @@ def content_words(text: str) -> set[str]:
 
 def shared_words(conversation: Conversation) -> set[str]:
     """The content words that the prompt (its turns and their inputs) and the answer both use."""
-    prompt = " ".join(f"{m.content} {m.context}" for m in conversation.prompt_messages())
-    return content_words(prompt) & content_words(conversation.response)
+    return content_words(conversation.prompt_text) & content_words(conversation.response)
 
 
 def with_swapped_words(train: list[Conversation], copies: int, seed: int = 0) -> list[Conversation]:
