@@ -316,7 +316,7 @@ def _after(
     )
     say.say(
         "`make demo` walks the same path with a base that reads English: a byte-level BPE trained on WikiText-2 "
-        f"(with these instructions' train split mixed in), the {DEMO_PRESET} preset (4.27M parameters, with "
+        f"(with these instructions' train split mixed in), the {DEMO_PRESET} preset (1.38M parameters, with "
         "smeared keys: each attention key mixes in the one before it, so a head can find and copy a word seen "
         "earlier), and fine-tuning of every weight, which for a model this small does better than LoRA, on "
         "the examples and word-swapped copies of them. Its answers take the question's own form and words "

@@ -43,8 +43,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 FP16_MAX = 65504.0  # the largest fp16 number: fbgemm would clip a weight beyond it
 # Below this many bytes of fp32 linear weights decoding is bound by the work between the products,
 # not by streaming the weights, and fp16's widening costs more than its bytes save. Measured on one
-# thread here, fp16 against fp32: 0.70x at 1.6 MB (shakespeare-cpu), 1.13x at 16 MB (chatbot-cpu),
-# 1.6-2.0x from 26 MB to 470 MB (124M).
+# thread here, fp16 against fp32: 0.70x at 1.6 MB (shakespeare-cpu), 1.13x at 16 MB (4/4/256, vocabulary
+# 4,096), 1.6-2.0x from 26 MB to 470 MB (124M).
 FP16_MIN_BYTES = 8 * 2**20
 # From this many rows a batch's products are bound by arithmetic. The 124M model on one thread of an
 # AVX-512 BF16 CPU, bf16 against fp16 tokens/s: 0.66x at 1 row, 0.63x at 2, 1.02x at 4, 1.18x at 8.
