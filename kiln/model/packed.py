@@ -51,14 +51,21 @@ FP16_MIN_BYTES = 8 * 2**20
 BF16_MIN_ROWS = 8
 
 
-def onednn_available(device: torch.device | str) -> bool:
-    """oneDNN's packed linear runs on CPUs, in torch builds with oneDNN (mkldnn)."""
+def onednn_available(device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's packed linear runs on CPUs, in torch builds with oneDNN (mkldnn). Its bf16 product also
+    needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU it raises instead of emulating."""
     return (
         torch.device(device).type == "cpu"
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and (dtype != torch.bfloat16 or _onednn_bf16_supported())
     )
+
+
+def _onednn_bf16_supported() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
 
 
 def fbgemm_available(device: torch.device | str) -> bool:
@@ -137,7 +144,7 @@ def decoding_precision(model: nn.Module, rows: int = 1) -> tuple[str, str]:
     linears = _linears(model)
     if sum(child.weight.numel() for _, _, child in linears) * 4 < FP16_MIN_BYTES:
         return "fp32", "the weights fit in cache"
-    if rows >= BF16_MIN_ROWS and cpu_has_fast_bf16() and onednn_available(device):
+    if rows >= BF16_MIN_ROWS and cpu_has_fast_bf16() and onednn_available(device, torch.bfloat16):
         why = f"{rows} rows are bound by arithmetic, which bf16 does faster here"
         return "bf16", f"{why}; --precision fp16 for rows equal to single runs"
     if _largest_weight(linears) > FP16_MAX:
@@ -170,7 +177,7 @@ def pack_for_decoding(model: nn.Module, precision: str = "auto", rows: int = 1) 
             setattr(module, name, Fp16Linear(child))
         return model
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    if not onednn_available(device):
+    if not onednn_available(device, dtype):  # the whole model in dtype: torch's own (emulated) products
         return model.to(dtype)
     for module, name, child in linears:
         setattr(module, name, PackedLinear(child, dtype, rows))

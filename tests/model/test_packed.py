@@ -17,6 +17,9 @@ from kiln.model.kv_cache import KVCache
 from kiln.model.packed import Fp16Linear, PackedLinear, TransposedLinear, pack_for_decoding
 
 onednn = pytest.mark.skipif(not packed.onednn_available("cpu"), reason="this torch has no oneDNN")
+onednn_bf16 = pytest.mark.skipif(
+    not packed.onednn_available("cpu", torch.bfloat16), reason="oneDNN's bf16 product needs AVX-512 or AVX-NE-CONVERT"
+)
 fbgemm = pytest.mark.skipif(not packed.fbgemm_available("cpu"), reason="this torch has no fbgemm (x86 only)")
 
 
@@ -50,7 +53,7 @@ def test_fp32_decoding_equals_the_plain_full_forward(style, tied, rows, layer):
 
 @pytest.mark.parametrize(
     "precision,layer,bits",
-    [pytest.param("fp16", Fp16Linear, 11, marks=fbgemm), pytest.param("bf16", PackedLinear, 8, marks=onednn)],
+    [pytest.param("fp16", Fp16Linear, 11, marks=fbgemm), pytest.param("bf16", PackedLinear, 8, marks=onednn_bf16)],
 )
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_half_precision_decoding_is_within_its_rounding(style, precision, layer, bits):
@@ -84,12 +87,28 @@ def test_fp16_refuses_weights_past_its_range():
 
 
 def test_without_the_cpu_kernels_half_precisions_cast_the_model(monkeypatch):
-    monkeypatch.setattr(packed, "onednn_available", lambda device: False)
+    monkeypatch.setattr(packed, "onednn_available", lambda device, dtype=torch.float32: False)
     cast = pack_for_decoding(tiny("gpt2"), "bf16")
     assert type(cast.lm_head) is nn.Linear and cast.lm_head.weight.dtype == torch.bfloat16
     monkeypatch.setattr(packed, "fbgemm_available", lambda device: False)
     with pytest.raises(ConfigError, match="fbgemm"):
         pack_for_decoding(tiny("gpt2"), "fp16")
+
+
+def test_bf16_on_a_cpu_whose_onednn_has_no_bf16_product_casts_the_model_and_decodes(monkeypatch):
+    # AVX2-only CPUs: oneDNN's bf16 reorder raises there, so bf16 falls back to torch's own products.
+    monkeypatch.setattr(packed, "_onednn_bf16_supported", lambda: False)
+    model = tiny("llama")
+    ids = torch.randint(0, 61, (1, 12))
+    reference, _ = model(ids)
+    monkeypatch.setattr(packed, "FP16_MIN_BYTES", 0)
+    monkeypatch.setattr(packed, "cpu_has_fast_bf16", lambda: True)
+    assert packed.decoding_precision(model, packed.BF16_MIN_ROWS)[0] != "bf16"  # auto never picks it there
+    cast = pack_for_decoding(copy.deepcopy(model), "bf16", rows=packed.BF16_MIN_ROWS)
+    assert not any(type(m) is PackedLinear for m in cast.modules())
+    assert cast.lm_head.weight.dtype == torch.bfloat16
+    logits = cached_logits(cast, ids).float()
+    assert (logits - reference).abs().max() < 2**-8 * 20 * reference.abs().max()
 
 
 def test_auto_keeps_fp32_where_the_weights_fit_in_cache_and_off_fbgemm(monkeypatch):
@@ -119,7 +138,7 @@ def test_auto_decodes_a_big_batch_in_bf16_only_where_the_cpu_has_bf16_arithmetic
     monkeypatch.setattr(packed, "FP16_MIN_BYTES", 0)  # as if the model were too big for the caches
     monkeypatch.setattr(packed, "cpu_has_fast_bf16", lambda: True)
     rows = packed.BF16_MIN_ROWS
-    if packed.onednn_available("cpu"):
+    if packed.onednn_available("cpu", torch.bfloat16):
         assert packed.decoding_precision(model, rows)[0] == "bf16"
         fast = pack_for_decoding(copy.deepcopy(model), "auto", rows=rows)
         assert {m.dtype for m in fast.modules() if type(m) is packed.PackedLinear} == {torch.bfloat16}
