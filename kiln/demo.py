@@ -47,8 +47,9 @@ SAMPLE_TOKENS = 120
 TEMPLATE = "alpaca"
 # Full fine-tuning at the pretrained context (256 tokens hold every example), with 8 word-swapped copies of
 # each training example (kiln/finetune/augment.py): with the preset's smeared keys they teach the model to
-# answer with the question's own words (docs/finetune.md).
-FINETUNE_SETTINGS: dict = {"word_swaps": 8}
+# answer with the question's own words; each original example 3 times, so its facts are not drowned out
+# by the copies' nonsense ones (docs/finetune.md).
+FINETUNE_SETTINGS: dict = {"word_swaps": 8, "original_copies": 3}
 CHAT_SAMPLING = SamplingConfig(max_new_tokens=150, temperature=0.7, top_k=50, seed=0)  # `kiln chat`'s defaults
 # The model was fine-tuned on single questions, and a model this small that can copy words copies them from
 # earlier turns too, so each question starts a fresh conversation (/reset), as the demo's tip says.

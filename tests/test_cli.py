@@ -101,7 +101,7 @@ def test_demo_prepares_trains_samples_finetunes_chats_scores_and_says_how_to_go_
     assert "full fine-tuning" in out and "you> Name three primary colors." in out
     assert out.count("assistant> ") == 3  # three questions; the /set line answers in its own words
     assert out.count("conversation cleared") == 2  # each question on its own, as the model learnt them
-    assert "word-swapped copies" in out
+    assert "train holds 3 of each original example and" in out and "word-swapped copies" in out
     assert "55 held-out questions" in out and "ROUGE-L" in out and "answer loss" in out
     assert "before fine-tuning" in out and "after fine-tuning" in out
     chat, sample = out.strip().splitlines()[-2:]

@@ -34,10 +34,11 @@ def shared_words(conversation: Conversation) -> set[str]:
     return content_words(conversation.prompt_text) & content_words(conversation.response)
 
 
-def with_swapped_words(train: list[Conversation], copies: int, seed: int = 0) -> list[Conversation]:
-    """`train` and, `copies` times over, a word-swapped copy of each example that has shared words,
-    in a shuffled order (the same for the same seed)."""
-    if copies <= 0:
+def with_swapped_words(train: list[Conversation], copies: int, seed: int = 0, originals: int = 1) -> list[Conversation]:
+    """`train` (`originals` times over) and, `copies` times over, a word-swapped copy of each example that
+    has shared words, in a shuffled order (the same for the same seed). More than one of each original
+    keeps its real facts from being drowned out by the copies' nonsense ones."""
+    if copies <= 0 and originals == 1:
         return list(train)
     shared = [(conversation, sorted(shared_words(conversation))) for conversation in train]
     pool = sorted({word for _, words in shared for word in words})
@@ -47,7 +48,7 @@ def with_swapped_words(train: list[Conversation], copies: int, seed: int = 0) ->
         for conversation, words in shared:
             if words:
                 swapped.append(_swapped(conversation, {word: rng.choice(pool) for word in words}))
-    mixed = list(train) + swapped
+    mixed = list(train) * originals + swapped
     rng.shuffle(mixed)
     return mixed
 

@@ -80,7 +80,9 @@ def finetune_and_report(
         model.resize_context(config.block_size)
     splits = data.split(seed=config.split_seed)
     originals = len(splits["train"])
-    splits["train"] = with_swapped_words(splits["train"], config.word_swaps, seed=config.split_seed)
+    splits["train"] = with_swapped_words(
+        splits["train"], config.word_swaps, seed=config.split_seed, originals=config.original_copies
+    )
     encoded, truncated = {}, 0
     for name, conversations in splits.items():
         encoded[name], cut = encode_conversations(
@@ -97,11 +99,15 @@ def finetune_and_report(
         + ", ".join(f"{name} {len(examples):,}" for name, examples in encoded.items())
         + f"; template {template.name}"
     )
+    added = [f"{config.original_copies} of each original example"] if config.original_copies > 1 else []
     if config.word_swaps:
-        print(
-            f"train holds {len(splits['train']) - originals:,} word-swapped copies ({config.word_swaps} of each "
-            "example whose answer repeats words of its question)"
+        copies = len(splits["train"]) - config.original_copies * originals
+        added.append(
+            f"{copies:,} word-swapped copies ({config.word_swaps} of each example whose answer repeats "
+            "words of its question)"
         )
+    if added:
+        print(f"train holds {' and '.join(added)}")
     if data.duplicates:
         print(
             f"dropped {data.duplicates:,} exact duplicate examples before splitting "

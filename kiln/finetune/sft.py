@@ -44,6 +44,16 @@ class FinetuneConfig:
     # Word-swapped copies of each training example (kiln/finetune/augment.py): they teach a small model
     # to answer with the question's own words. 0 = none; the demo uses 8.
     word_swaps: int = 0
+    # With word swaps, each original example this many times beside its copies (the demo uses 3): the
+    # copies teach the form of an answer, the originals its facts.
+    original_copies: int = 1
+
+    def __post_init__(self) -> None:
+        if self.word_swaps < 0 or self.original_copies < 1:
+            raise ConfigError(
+                f"word_swaps={self.word_swaps}, original_copies={self.original_copies}: "
+                "word_swaps must be 0 or more and original_copies 1 or more"
+            )
 
     def optim(self, lr: float) -> OptimConfig:
         return OptimConfig(

@@ -3,10 +3,14 @@ the same way in both, and only training examples are copied."""
 
 from __future__ import annotations
 
+import pytest
+
 from kiln.checkpoint import load_checkpoint
 from kiln.cli import main
 from kiln.data.instructions import Conversation, Message, load_instructions
+from kiln.errors import ConfigError
 from kiln.finetune.augment import shared_words, with_swapped_words
+from kiln.finetune.sft import finetune_settings
 
 
 def example(question: str, answer: str, context: str = "") -> Conversation:
@@ -51,6 +55,27 @@ def test_each_copy_swaps_a_word_alike_in_question_and_answer_keeping_its_case():
     assert with_swapped_words(train, copies=0) == train
 
 
+def test_original_copies_repeat_each_training_example_beside_its_swapped_copies():
+    train = [CAPITAL, TENSE, SORT, NOTHING]
+    mixed = with_swapped_words(train, copies=3, seed=1, originals=2)
+    assert len(mixed) == 2 * 4 + 3 * 3
+    assert all(sum(c is example for c in mixed) == 2 for example in train)
+    once = with_swapped_words(train, copies=3, seed=1)
+
+    def copies(mix):
+        return sorted(repr(c) for c in mix if not any(c is example for example in train))
+
+    assert len(copies(mixed)) == 9 and copies(mixed) == copies(once)  # the same copies
+    alone = with_swapped_words(train, copies=0, seed=1, originals=3)
+    assert sorted(map(repr, alone)) == sorted(map(repr, train * 3))
+
+
+def test_word_swap_counts_below_their_minimum_are_config_errors():
+    for key, value in (("original_copies", 0), ("word_swaps", -1)):
+        with pytest.raises(ConfigError, match=f"{key}={value}"):
+            finetune_settings({key: value})
+
+
 def test_finetune_copies_the_training_examples_only(tmp_path, base_checkpoint, instruction_file, capsys):
     splits = load_instructions(instruction_file).split()
     sharing = sum(bool(shared_words(c)) for c in splits["train"])  # "Repeat the word." apple -> apple, ...
@@ -62,4 +87,9 @@ def test_finetune_copies_the_training_examples_only(tmp_path, base_checkpoint, i
     train, val, test = (len(splits[name]) for name in ("train", "val", "test"))
     assert f"train {train + 2 * sharing}, val {val}, test {test};" in printed
     assert f"train holds {2 * sharing} word-swapped copies" in printed
+    more = ["--set", "original_copies=3", "--out", str(tmp_path / "again")]
+    assert main([*args, "--max-iters", "2", "--set", "block_size=128", "--set", "word_swaps=2", *more]) == 0
+    printed = capsys.readouterr().out
+    assert f"train {3 * train + 2 * sharing}, val {val}, test {test};" in printed
+    assert f"train holds 3 of each original example and {2 * sharing} word-swapped copies" in printed
     assert load_checkpoint(out / "best").info["template"] == "alpaca"
