@@ -319,8 +319,8 @@ def _after(
         f"(with these instructions' train split mixed in), the {DEMO_PRESET} preset (1.38M parameters, with "
         "smeared keys: each attention key mixes in the one before it, so a head can find and copy a word seen "
         "earlier), and fine-tuning of every weight, which for a model this small does better than LoRA, on "
-        "the examples (each three times) and word-swapped copies of them. Its answers take the question's own form and words "
-        "(\"The past tense of 'fly' is ...\"), still mostly without the facts (docs/finetune.md)."
+        "the examples (each three times) and word-swapped copies of them. Its answers take the question's own "
+        "form and words (\"The past tense of 'fly' is ...\"), still mostly without the facts (docs/finetune.md)."
     )
     return {
         "answer_after": after,

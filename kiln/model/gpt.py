@@ -447,7 +447,7 @@ class GPT(nn.Module):
             x = block(x, rope)
         if logits_at is not None:
             x, targets = x[logits_at], None if targets is None else targets[logits_at]
-        if loss_sum and targets is not None and self.config.vocab_size >= head_loss.MIN_VOCAB:
+        if loss_sum and targets is not None and head_loss.pays(self.config.vocab_size, x.device):
             hidden = self.norm_f(x)
             return None, head_loss.head_loss_sum(hidden.flatten(0, -2), self.lm_head.weight, targets.flatten())
         logits = self.lm_head(self.norm_f(x))

@@ -49,7 +49,12 @@ def test_a_large_vocabulary_model_trains_the_same_with_the_fused_head(monkeypatc
     monkeypatch.setattr(head_loss, "SLICE_ELEMENTS", 9000 * 5)  # several slices of 5 rows
     torch.manual_seed(0)
     config = GPTConfig(
-        vocab_size=head_loss.MIN_VOCAB + 5, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_word_embeddings=tied
+        vocab_size=head_loss.MIN_VOCAB_CPU + 5,  # on a CPU the fused head starts here, on a GPU at MIN_VOCAB
+        block_size=16,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        tie_word_embeddings=tied,
     )
     model = GPT(config).double()
     twin = copy.deepcopy(model)
@@ -65,6 +70,15 @@ def test_a_large_vocabulary_model_trains_the_same_with_the_fused_head(monkeypatc
     torch.testing.assert_close(ours, theirs)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_below_its_vocabulary_the_plain_head_keeps_the_logits():
+    config = GPTConfig(vocab_size=head_loss.MIN_VOCAB_CPU - 1, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    logits, loss = GPT(config)(idx, idx, loss_sum=True)
+    assert logits.shape == (2, 8, config.vocab_size) and loss.ndim == 0
+    assert head_loss.pays(head_loss.MIN_VOCAB_CPU, torch.device("cpu"))
+    assert not head_loss.pays(head_loss.MIN_VOCAB - 1, torch.device("cuda"))  # GPUs: the plain head below 8,192
 
 
 def test_under_bf16_autocast_it_is_within_the_plain_heads_rounding():
