@@ -44,7 +44,7 @@ class FinetuneConfig:
     # Word-swapped copies of each training example (kiln/finetune/augment.py): they teach a small model
     # to answer with the question's own words. 0 = none; the demo uses 8.
     word_swaps: int = 0
-    # With word swaps, each original example this many times beside its copies (the demo uses 3): the
+    # Each original training example this many times (the demo uses 3, beside 8 word-swapped copies): the
     # copies teach the form of an answer, the originals its facts.
     original_copies: int = 1
 
