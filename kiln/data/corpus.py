@@ -289,7 +289,8 @@ def _open_path(path: Path, options: ReadOptions, label: str | None = None) -> Co
             ),
             key=lambda p: p.relative_to(path).as_posix(),
         )
-        if not files and (path / "meta.json").is_file():
+        # a prepared folder whose meta.json no longer reads (its tokenizer/words.txt is no corpus)
+        if (path / "meta.json").is_file() and (not files or (path / "train.bin").is_file()):
             raise DataError(
                 f"{path / 'meta.json'}: not the meta.json of a Kiln prepared corpus (damaged?); "
                 "prepare the data again with `kiln prepare`"

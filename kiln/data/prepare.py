@@ -21,6 +21,7 @@ from kiln.data.chunking import safe_chunks
 from kiln.data.corpus import Corpus
 from kiln.data.prepared import META_FILE, PREPARED_MARK, SPLITS, TOKENIZER_DIR, PreparedCorpus, is_prepared_dir
 from kiln.data.tokenizers import EOS, CharTokenizer, Tokenizer, tokenizer_from_spec
+from kiln.data.words import WordCounter
 from kiln.errors import ConfigError, DataError
 from kiln.progress import progress_bar
 
@@ -180,6 +181,7 @@ def prepare_corpus(
 
     total_chars = sum(s.chars for s in stats.values())
     label = identity["source"]["label"]
+    words = WordCounter()  # of the train split: the words the model will read
     with atomic_dir(out_dir) as tmp:
         bar = progress_bar(f"tokenizing {label} ({tokenizer.kind})", total_chars, "chars")
         with ExitStack() as files, bar as advance:
@@ -192,10 +194,11 @@ def prepare_corpus(
             for role, corpus in corpora.items():
                 split_at = int(stats[role].chars * (1 - val_fraction)) if role == "all" else None
                 writers["val"].follows = writers["train"] if role == "all" else None
-                _encode_into(_pieces(corpus, split_at, role), tokenizer, writers, advance)
+                _encode_into(_pieces(corpus, split_at, role), tokenizer, writers, advance, words)
         splits = {split: w.summary() for split, w in writers.items()}
         if splits["train"]["tokens"] == 0:
             raise DataError(f"{label}: no training tokens after the split; lower --val-fraction")
+        tokenizer.words = dict(words.counts)
         tokenizer.save(tmp / TOKENIZER_DIR)
         meta = {
             "kiln": PREPARED_MARK,
@@ -203,6 +206,7 @@ def prepare_corpus(
             "created_by": f"kiln {kiln.__version__}",
             **identity,
             "splits": splits,
+            "words": len(words.counts),
         }
         meta["source"]["skipped_lines"] = sum(c.skipped_lines for c in corpora.values())
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
@@ -222,15 +226,16 @@ def _choose_dtype(dtype: str, tokenizer: Tokenizer, out_dir: Path) -> type:
 
 
 def _same_request(old: dict, new: dict) -> bool:
-    """True when a prepared folder's meta shows the same source, tokenizer, split and dtype as `new`."""
+    """True when a prepared folder's meta shows the same source, tokenizer, split and dtype as `new`, and
+    its words were counted (a folder from before words.txt is prepared again)."""
 
     def key(meta: dict) -> tuple:
         return (meta["source"]["sha256"], meta["tokenizer"]["fingerprint"], meta["dtype"], meta["val_fraction"])
 
-    return key(old) == key(new)
+    return key(old) == key(new) and "words" in old
 
 
-def _encode_into(pieces, tokenizer: Tokenizer, writers: dict[str, _SplitWriter], advance) -> None:
+def _encode_into(pieces, tokenizer: Tokenizer, writers: dict[str, _SplitWriter], advance, words: WordCounter) -> None:
     batch: list[tuple[str, str, bool]] = []
     size = 0
 
@@ -238,6 +243,8 @@ def _encode_into(pieces, tokenizer: Tokenizer, writers: dict[str, _SplitWriter],
         arrays = tokenizer.encode_to_arrays([text for _, text, _ in batch])
         for (split, text, starts), ids in zip(batch, arrays, strict=True):
             writers[split].write(ids, len(text), starts)
+            if split == "train":
+                words.add(text)
         advance(size)
 
     for piece in pieces:

@@ -22,10 +22,11 @@ from kiln.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
-from kiln.data.instructions import InstructionData, load_instructions
+from kiln.data.instructions import Conversation, InstructionData, load_instructions
 from kiln.data.preferences import load_preferences
 from kiln.data.templates import Template, get_template
 from kiln.data.tokenizers import Tokenizer
+from kiln.data.words import WordCounter
 from kiln.device import pick_device
 from kiln.distributed import launched_world
 from kiln.errors import ConfigError
@@ -58,6 +59,14 @@ def prepare_vocabulary(
     return grown, list(range(tokenizer.vocab_size, grown.vocab_size))
 
 
+def count_words(tokenizer: Tokenizer, conversations: list[Conversation]) -> None:
+    """Add the words of the training examples to the words the model has read, when the tokenizer keeps
+    count of them (a model made elsewhere keeps none, and a count of the examples alone is too narrow)."""
+    if tokenizer.words is not None:
+        texts = (f"{m.content} {m.context}" for c in conversations for m in c.messages)
+        tokenizer.words = dict(WordCounter(tokenizer.words).add_all(texts).counts)
+
+
 def finetune_and_report(
     base: str | os.PathLike,
     data_spec: str,
@@ -79,6 +88,7 @@ def finetune_and_report(
     if config.block_size:
         model.resize_context(config.block_size)
     splits = data.split(seed=config.split_seed)
+    count_words(tokenizer, splits["train"])
     originals = len(splits["train"])
     splits["train"] = with_swapped_words(
         splits["train"], config.word_swaps, seed=config.split_seed, originals=config.original_copies
@@ -178,6 +188,7 @@ def preference_tune_and_report(
     if config.block_size:
         model.resize_context(config.block_size)
     splits = data.split(seed=config.split_seed)
+    count_words(tokenizer, [c for pair in splits["train"] for c in pair.conversations()])
     encoded, truncated, left_out = {}, 0, 0
     for name, pairs in splits.items():
         encoded[name], cut, lost = Pairs.encode(pairs, template, tokenizer, model.config.block_size)

@@ -9,6 +9,7 @@ from kiln.data.tokenizers.base import EOS, META_FILE, Tokenizer, read_meta
 from kiln.data.tokenizers.bpe import BPETokenizer
 from kiln.data.tokenizers.char import CharTokenizer
 from kiln.data.tokenizers.gpt2 import GPT2Tokenizer
+from kiln.data.words import load_words
 from kiln.errors import TokenizerError
 
 KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
@@ -31,7 +32,9 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     kind = KINDS.get(meta.get("kind", ""))
     if kind is None:
         raise TokenizerError(f"{folder / META_FILE}: unknown tokenizer kind {meta.get('kind')!r}")
-    return kind.from_meta(meta, folder)
+    tokenizer = kind.from_meta(meta, folder)
+    tokenizer.words = load_words(folder)
+    return tokenizer
 
 
 def tokenizer_from_spec(spec: str, data_dir: str | os.PathLike | None = None) -> Tokenizer:

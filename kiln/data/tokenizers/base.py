@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.atomic import atomic_file
+from kiln.data.words import save_words
 from kiln.errors import TokenizerError
 
 META_FILE = "kiln_tokenizer.json"
@@ -45,9 +46,13 @@ def outside_vocabulary(kind: str, vocab_size: int) -> TokenizerError:
 
 
 class Tokenizer(ABC):
-    """Text <-> token ids. Subclasses set `kind` and implement the abstract methods."""
+    """Text <-> token ids. Subclasses set `kind` and implement the abstract methods.
+
+    `words` holds the counts of the words the model has read (kiln.data.words), when they were counted:
+    saved beside the tokenizer as words.txt, they travel with it into every checkpoint."""
 
     kind: str = ""
+    words: dict[str, int] | None = None
 
     @property
     @abstractmethod
@@ -70,7 +75,13 @@ class Tokenizer(ABC):
 
     def with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> Tokenizer:
         """This tokenizer with the given special tokens (and, for char vocabularies, characters) added
-        after its last id; itself when nothing is missing. Existing ids keep their meaning."""
+        after its last id; itself when nothing is missing. Existing ids keep their meaning, and its words."""
+        grown = self._with_added(chars, specials)
+        if grown is not self:
+            grown.words = self.words
+        return grown
+
+    def _with_added(self, chars: Sequence[str], specials: Sequence[str]) -> Tokenizer:
         missing = [s for s in specials if s not in self.special_tokens]
         if missing:
             raise TokenizerError(f"a {self.kind} tokenizer cannot take new tokens ({', '.join(missing)})")
@@ -117,6 +128,8 @@ class Tokenizer(ABC):
             "fingerprint": self.fingerprint(),
             **self._save_files(folder),
         }
+        if self.words is not None:
+            save_words(self.words, folder)
         with atomic_file(folder / META_FILE) as tmp:
             tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         return folder

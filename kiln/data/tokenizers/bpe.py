@@ -73,7 +73,7 @@ class BPETokenizer(Tokenizer):
         plain.encode_special_tokens = True  # special-token text is split like any other text
         return plain
 
-    def with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> BPETokenizer:
+    def _with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> BPETokenizer:
         new = [s for s in specials if s not in self.special_tokens]
         if not new:
             return self

@@ -64,7 +64,7 @@ class CharTokenizer(Tokenizer):
     def encode_plain(self, text: str) -> list[int]:
         return self._encode_array(text).tolist()
 
-    def with_added(self, chars: Iterable[str] = (), specials: Sequence[str] = ()) -> CharTokenizer:
+    def _with_added(self, chars: Iterable[str] = (), specials: Sequence[str] = ()) -> CharTokenizer:
         new = [(c, False) for c in sorted(set(chars)) if self._lookup_id(c) is None]
         new += [(name, True) for name in specials if name not in self._specials]
         if not new:

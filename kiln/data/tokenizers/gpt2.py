@@ -79,7 +79,7 @@ class GPT2Tokenizer(Tokenizer):
     def encode_plain(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(refuse_surrogates(text))
 
-    def with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> GPT2Tokenizer:
+    def _with_added(self, chars: Sequence[str] = (), specials: Sequence[str] = ()) -> GPT2Tokenizer:
         new = tuple(s for s in specials if s not in self.special_tokens)
         return GPT2Tokenizer(self.encoder_json, self.vocab_bpe, self.added + new) if new else self
 
