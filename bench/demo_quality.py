@@ -9,7 +9,8 @@ Two recipes, one after the other on the same machine:
   4,096-token BPE, `chatbot-cpu` pretrained, then fully fine-tuned.
 Each is scored on the 55 test examples of instruction-data, which neither trains on: ROUGE-L and exact
 match of greedy answers, answer loss, and the share of answer words that are English (found in WikiText-2's
-training text) when answering with `kiln chat`'s default sampling (temperature 0.7, top-k 50, 200 tokens).
+training text) when answering with `kiln chat`'s default sampling (temperature 0.6, top-k 50, top-p 0.9, 200 tokens,
+known words), and again with the model's words left free (`--no-known-words`).
 Prints a table with the bars, five answers from each, and the demo's scripted chat.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,17 +30,18 @@ from kiln.data.fetch import resolve_dataset
 from kiln.data.instructions import load_instructions
 from kiln.data.registry import get_dataset
 from kiln.data.templates import get_template
+from kiln.data.words import words_of
 from kiln.demo import CHAT_SAMPLING, CHAT_SCRIPT, INSTRUCTIONS, demo_corpus, finetune, held_out_scores, pretrain
 from kiln.evaluate.run import evaluate
 from kiln.finetune.run import finetune_and_report, prepare_vocabulary
 from kiln.finetune.sft import FinetuneConfig
+from kiln.generate.chat import CHAT_SAMPLING as CHAT_DEFAULTS
 from kiln.generate.chat import STOPS, ChatSession, run_script
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.lora import LoraSettings
 from kiln.train.run import parse_duration, train_and_report, training_data
 
 BARS = {"rouge_l": 0.30, "english": 0.95, "train_s": 360.0}
-CHAT_DEFAULTS = {"temperature": 0.7, "top_k": 50, "max_new_tokens": 200}  # kiln chat's
 
 
 def main() -> int:
@@ -60,6 +61,7 @@ def main() -> int:
     load.append(os.getloadavg()[0])
     for result in results.values():
         result["english"] = english_share(result["tuned"], english)
+        result["english_free"] = english_share(result["tuned"], english, known_words=False)
 
     before, demo = results["before"], results["demo"]
     rows = [
@@ -76,16 +78,17 @@ def main() -> int:
         holds = ("yes" if demo[which][key] >= BARS["rouge_l"] else "no") if bar and which == "scores" else ""
         fmt = "{:.1%}" if key == "exact_match" else "{:.3f}"
         print(f"| {label} | {fmt.format(before[which][key])} | {fmt.format(demo[which][key])} | {bar} | {holds} |")
-    e_before, e_demo = before["english"], demo["english"]
-    print(
-        f"| English answer words, sampled | {e_before['share']:.1%} of {e_before['words']:,} | "
-        f"{e_demo['share']:.1%} of {e_demo['words']:,} | >= 95% | "
-        f"{'yes' if e_demo['share'] >= BARS['english'] else 'no'} |"
-    )
-    print(
-        f"| made-up answer words, sampled (neither English nor in the question) | {e_before['made_up']} | "
-        f"{e_demo['made_up']} |  |  |"
-    )
+    for key, how in (("english", "the chat's defaults"), ("english_free", "words left free")):
+        e_before, e_demo = before[key], demo[key]
+        bar, holds = (">= 95%", "yes" if e_demo["share"] >= BARS["english"] else "no") if key == "english" else ("", "")
+        print(
+            f"| English answer words, sampled ({how}) | {e_before['share']:.1%} of {e_before['words']:,} | "
+            f"{e_demo['share']:.1%} of {e_demo['words']:,} | {bar} | {holds} |"
+        )
+        print(
+            f"| made-up answer words ({how}; neither English nor in the question) | {e_before['made_up']} | "
+            f"{e_demo['made_up']} |  |  |"
+        )
     print(
         f"| training time (pretrain + fine-tune) | {before['pretrain_s']:.0f} + {before['finetune_s']:.0f} s | "
         f"{demo['pretrain_s']:.0f} + {demo['finetune_s']:.0f} s | <= 360 s | "
@@ -107,7 +110,7 @@ def main() -> int:
         print(f"   reference: {record['reference']!r}")
         for name, label in (("before", "today's recipe"), ("demo", "the demo's recipe")):
             print(f"   {label}: {answers[name][number]['response']!r}")
-    print("\nThe demo's scripted chat (temperature 0.7, then greedy):")
+    print("\nThe demo's scripted chat (`kiln chat`'s sampling, then greedy):")
     run_script(ChatSession.from_checkpoint(demo["tuned"], sampling=CHAT_SAMPLING), CHAT_SCRIPT)
     return 0
 
@@ -171,17 +174,18 @@ def _base_for_instructions(base: Path, out: Path) -> Path:
 def english_words(data_dir: str | None) -> set[str]:
     """Every word of WikiText-2's training text, lower-cased (its `<unk>` marker left out)."""
     text = resolve_dataset(get_dataset("wikitext-2"), data_dir)["train"].read_text(encoding="utf-8")
-    return set(lower_words(text.replace("<unk>", " ")))
+    return set(words_of(text.replace("<unk>", " ")))
 
 
-def english_share(checkpoint_path: Path, english: set[str]) -> dict:
-    """Answers to the test split sampled as `kiln chat` samples (one seed per question): how many of
-    their words are English, and how many are made up (neither English nor a word of the question)."""
+def english_share(checkpoint_path: Path, english: set[str], known_words: bool = True) -> dict:
+    """Answers to the test split sampled as `kiln chat` samples (one seed per question; `known_words`
+    False as `kiln chat --no-known-words`): how many of their words are English, and how many are made up
+    (neither English nor a word of the question)."""
     checkpoint = load_checkpoint(checkpoint_path)
     template = get_template(checkpoint.info.get("template"))
     total = found = made_up = 0
     for seed, example in enumerate(held_out_examples()):
-        config = SamplingConfig(**CHAT_DEFAULTS, seed=seed)
+        config = SamplingConfig(**{**CHAT_DEFAULTS, "known_words": known_words}, seed=seed)
         pieces = stream_reply(
             checkpoint.model,
             checkpoint.tokenizer,
@@ -190,8 +194,8 @@ def english_share(checkpoint_path: Path, english: set[str]) -> dict:
             config,
             STOPS.get(template.name),
         )
-        words = lower_words("".join(pieces))
-        question = set(lower_words(example.prompt_text))
+        words = words_of("".join(pieces))
+        question = set(words_of(example.prompt_text))
         total += len(words)
         found += sum(word in english for word in words)
         made_up += sum(word not in english and word not in question for word in words)
@@ -200,17 +204,13 @@ def english_share(checkpoint_path: Path, english: set[str]) -> dict:
 
 def reference_share(english: set[str]) -> dict:
     """The same count for the test split's reference answers: what a model that answered them exactly would score."""
-    words = [word for example in held_out_examples() for word in lower_words(example.response)]
+    words = [word for example in held_out_examples() for word in words_of(example.response)]
     missing = list(dict.fromkeys(word for word in words if word not in english))
     return {"share": sum(word in english for word in words) / len(words), "words": len(words), "missing": missing}
 
 
 def held_out_examples() -> list:
     return load_instructions(INSTRUCTIONS).split(seed=FinetuneConfig().split_seed)["test"]
-
-
-def lower_words(text: str) -> list[str]:
-    return re.findall(r"[a-z]+", text.lower())
 
 
 if __name__ == "__main__":

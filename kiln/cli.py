@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--top-k", type=int, default=200)
     sa.add_argument("--top-p", type=float)
     sa.add_argument("--repetition-penalty", type=float, default=1.0)
+    sa.add_argument(
+        "--known-words",
+        action="store_true",
+        help="only words the model has read (its tokenizer's words.txt) or the prompt holds",
+    )
     sa.add_argument("--seed", type=int)
     sa.add_argument(
         "--stop",
@@ -225,11 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     ch = commands.add_parser("chat", parents=common, help="talk to a checkpoint in the terminal, streamed")
     ch.add_argument("checkpoint", help="a checkpoint or adapter folder, e.g. RUN_DIR/best")
     ch.add_argument("--system", help="a system message to start with")
-    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    ch.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
     ch.add_argument("--top-k", type=int, default=50)
-    ch.add_argument("--top-p", type=float)
+    ch.add_argument("--top-p", type=float, default=0.9)
     ch.add_argument("--max-new-tokens", type=int, default=200)
     ch.add_argument("--repetition-penalty", type=float, default=1.0)
+    ch.add_argument(
+        "--known-words",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="only words the model has read or the conversation holds, when its tokenizer keeps them (default on)",
+    )
     ch.add_argument("--seed", type=int)
     ch.add_argument("--compare", action="store_true", help="answer each question twice: the base, then the tuned model")
     _add_decoding_precision(ch)
@@ -539,6 +550,7 @@ def sampling_settings(args: argparse.Namespace, seed: int | None):
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=seed,
+        known_words=args.known_words,
     )
 
 

@@ -29,6 +29,7 @@ from kiln.errors import DataError
 from kiln.evaluate.run import evaluate
 from kiln.finetune.run import finetune_and_report
 from kiln.finetune.sft import FinetuneConfig
+from kiln.generate.chat import CHAT_SAMPLING as CHAT_DEFAULTS
 from kiln.generate.chat import ChatSession, run_script
 from kiln.generate.sampling import SamplingConfig, print_stream, stream_text
 from kiln.train.run import format_duration, train_and_report
@@ -50,7 +51,7 @@ TEMPLATE = "alpaca"
 # answer with the question's own words; each original example 3 times, so its facts are not drowned out
 # by the copies' nonsense ones (docs/finetune.md).
 FINETUNE_SETTINGS: dict = {"word_swaps": 8, "original_copies": 3}
-CHAT_SAMPLING = SamplingConfig(max_new_tokens=150, temperature=0.7, top_k=50, seed=0)  # `kiln chat`'s defaults
+CHAT_SAMPLING = SamplingConfig(**{**CHAT_DEFAULTS, "max_new_tokens": 150}, seed=0)  # `kiln chat`'s, shorter
 # The model was fine-tuned on single questions, and a model this small that can copy words copies them from
 # earlier turns too, so each question starts a fresh conversation (/reset), as the demo's tip says.
 CHAT_SCRIPT = (
@@ -244,7 +245,7 @@ def _finetune_and_chat(console: Console, base: Path, run_dir: Path, data_dir, se
     except DataError as e:
         console.print(f"[yellow]skipping fine-tuning: {e}")
         return None
-    console.print("\n[bold]A scripted chat[/bold] (temperature 0.7, then greedy):")
+    console.print("\n[bold]A scripted chat[/bold] (`kiln chat`'s sampling, then greedy):")
     run_script(ChatSession.from_checkpoint(tuned, sampling=CHAT_SAMPLING), CHAT_SCRIPT)
     console.print(f"\nScoring greedy answers to the {INSTRUCTIONS} test split, which nothing trained on ...")
     scores = held_out_scores(base, tuned, data_dir)

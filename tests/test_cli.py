@@ -330,6 +330,25 @@ def test_train_then_resume_then_sample(capsys, tmp_path, mirror):
         capsys, "sample", f"{run_dir}/best", "--prompt", "I had", "--seed", "1", "--max-new-tokens", "300"
     )
     assert "\n" in unstopped.removesuffix("\n") and unstopped.startswith(out.removesuffix("\n"))
+    from kiln.checkpoint import load_checkpoint
+    from kiln.data.words import words_of
+
+    known = set(load_checkpoint(f"{run_dir}/best").tokenizer.words) | {"i", "had"}
+    assert sum(w not in known for w in words_of(unstopped)) > 5  # ten steps of training spell few words
+    code, held, _ = run(
+        capsys,
+        "sample",
+        f"{run_dir}/best",
+        "--prompt",
+        "I had",
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "300",
+        "--known-words",
+    )
+    whole = words_of(held.rstrip()) if not held.rstrip()[-1:].isalpha() else words_of(held)[:-1]
+    assert code == 0 and len(whole) > 10 and [w for w in whole if w not in known] == []
 
 
 TRAIN_MISTAKES = {

@@ -32,8 +32,10 @@ class UnreadableMessage(TokenizerError):
     """A message with a character the model's vocabulary lacks: it is not sent, the chat goes on."""
 
 
-# Cooler than `kiln sample` (temperature 0.8, top-k 200): a chat answer should stay on the question.
-CHAT_SAMPLING = {"max_new_tokens": 200, "temperature": 0.7, "top_k": 50}
+# Cooler than `kiln sample` (temperature 0.8, top-k 200): a chat answer should stay on the question, so
+# temperature 0.6 and top-p 0.9 as Meta ships Llama 3's chat models, with transformers' top-k 50. And in
+# words the model has read, when it keeps them (kiln.generate.known_words): a small model makes words up.
+CHAT_SAMPLING = {"max_new_tokens": 200, "temperature": 0.6, "top_k": 50, "top_p": 0.9, "known_words": True}
 SETTINGS = typing.get_type_hints(SamplingConfig)  # what /set can change, with each value's type
 COMMANDS = {
     "/reset": "forget the conversation (the system message stays)",
@@ -67,7 +69,8 @@ class RunningText(Template):
 
 class ChatSession:
     """A conversation with one model: the system message, the turns so far, and the sampling settings
-    (default CHAT_SAMPLING: temperature 0.7, top-k 50, at most 200 new tokens a reply)."""
+    (default CHAT_SAMPLING: temperature 0.6, top-k 50, top-p 0.9, at most 200 new tokens a reply, known
+    words)."""
 
     def __init__(
         self,
@@ -187,6 +190,8 @@ class ChatSession:
         if key == "max_new_tokens" and parsed < 1:
             raise ConfigError(f"/set {key}={value}: a reply needs at least 1 new token")
         self.sampling = dataclasses.replace(self.sampling, **{key: parsed})
+        if key == "known_words" and parsed and self.tokenizer.words is None:
+            return f"{key}={parsed}, but this model keeps no words.txt beside its tokenizer, so it samples freely"
         return f"{key}={parsed}"
 
     def describe(self, key: str | None = None) -> str:

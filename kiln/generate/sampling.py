@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.errors import ConfigError
+from kiln.generate.known_words import WordGuard, known_words
 from kiln.model.kv_cache import KVCache
 
 
@@ -24,6 +25,9 @@ class SamplingConfig:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # Hold the words sampled to those the model has read (kiln.generate.known_words), when its tokenizer
+    # keeps them (words.txt); a model without them samples freely.
+    known_words: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -86,19 +90,30 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, config: SamplingConfig, stop_ids: set[int] | None = None) -> Iterator[int]:
+def generate(
+    model,
+    prompt: torch.Tensor,
+    config: SamplingConfig,
+    stop_ids: set[int] | None = None,
+    guard: WordGuard | None = None,
+) -> Iterator[int]:
     """Yield new token ids one at a time for a single prompt [1, T]; stops at a stop id or max_new_tokens.
 
     The prompt is prefilled into a KV cache and each step feeds one token. When the context is full,
     the cache is rebuilt from the newest half of the window and generation goes on.
     """
-    for tokens in generate_rows(model, prompt, config, [config.seed], stop_ids):
+    for tokens in generate_rows(model, prompt, config, [config.seed], stop_ids, guard):
         yield tokens[0]
 
 
 @torch.no_grad()
 def generate_rows(
-    model, prompt: torch.Tensor, config: SamplingConfig, seeds: list[int | None], stop_ids: set[int] | None = None
+    model,
+    prompt: torch.Tensor,
+    config: SamplingConfig,
+    seeds: list[int | None],
+    stop_ids: set[int] | None = None,
+    guard: WordGuard | None = None,
 ) -> Iterator[list[int | None]]:
     """Continue one prompt [1, T] len(seeds) times at once, the continuations decoded as one batch (rows
     of one KV cache): yield each step's new token of every row, None for a row that has met a stop id.
@@ -108,6 +123,9 @@ def generate_rows(
     each row draws from its own generator, so its random numbers are the ones a run of its own draws.
     Its logits equal a run of its own up to float rounding (a batch's matrix products add in another
     order), so the texts are the same unless two tokens' scores are within that rounding.
+
+    A `guard` (kiln.generate.known_words) takes out, before any other processing, the tokens that would
+    make a word the model has not read.
     """
     model.eval()
     block, rows = model.config.block_size, len(seeds)
@@ -121,6 +139,8 @@ def generate_rows(
     logits, history = logits.expand(rows, -1), prompt.expand(rows, -1)
     stopped = [False] * rows
     for step in range(config.max_new_tokens):
+        if guard is not None:
+            logits = guard.restrict(logits)
         scores = process_logits(logits, history, config)
         if config.temperature == 0 or rows == 1:
             token = next_token(scores, config, generators[0])
@@ -128,6 +148,8 @@ def generate_rows(
             token = torch.cat([next_token(scores[i : i + 1], config, g) for i, g in enumerate(generators)])
         history = torch.cat([history, token], dim=1)
         ids = token[:, 0].tolist()
+        if guard is not None:
+            guard.advance(ids)
         yield [None if done else t for t, done in zip(ids, stopped, strict=True)]
         if stop_ids:
             stopped = [done or t in stop_ids for t, done in zip(ids, stopped, strict=True)]
@@ -193,7 +215,8 @@ def stream_text(
     a stop string (see TextStream)."""
     stream = TextStream(tokenizer, stop)
     stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
-    for token in generate(model, _prompt_tensor(model, tokenizer, prompt), config, stop_ids=stop_ids):
+    ids = _prompt_tensor(model, tokenizer, prompt)
+    for token in generate(model, ids, config, stop_ids, word_guard(model, tokenizer, ids, config)):
         if token == tokenizer.eos_id:
             break
         if piece := stream.add(token):
@@ -218,7 +241,10 @@ def sample_texts(
     streams = [TextStream(tokenizer, stop) for _ in seeds]
     done = [False] * len(seeds)
     stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else None
-    for tokens in generate_rows(model, _prompt_tensor(model, tokenizer, prompt), config, seeds, stop_ids):
+    ids = _prompt_tensor(model, tokenizer, prompt)
+    for tokens in generate_rows(
+        model, ids, config, seeds, stop_ids, word_guard(model, tokenizer, ids, config, len(seeds))
+    ):
         for token, stream, row in zip(tokens, streams, range(len(seeds)), strict=True):
             if done[row] or token is None or token == tokenizer.eos_id:
                 done[row] = True
@@ -232,6 +258,15 @@ def sample_texts(
     for stream in streams:
         stream.finish()
     return [stream.shown for stream in streams]
+
+
+def word_guard(model, tokenizer, prompt: torch.Tensor, config: SamplingConfig, rows: int = 1) -> WordGuard | None:
+    """The known-words guard for continuing `prompt` [1, T], when the config asks for one and the
+    tokenizer keeps the words the model has read; else None."""
+    if not config.known_words or tokenizer.words is None:
+        return None
+    text = tokenizer.decode(prompt[0, -model.config.block_size :].tolist())
+    return known_words(tokenizer).guard(text, rows, model.config.vocab_size)
 
 
 def _prompt_tensor(model, tokenizer, prompt: str | list[int]) -> torch.Tensor:

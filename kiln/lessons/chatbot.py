@@ -26,7 +26,7 @@ from kiln.data.tokenizers import EOS, Tokenizer
 from kiln.demo import DEMO_PRESET
 from kiln.finetune.run import finetune_and_report, prepare_vocabulary
 from kiln.finetune.sft import FinetuneConfig
-from kiln.generate.chat import STOPS, ChatSession, run_script
+from kiln.generate.chat import CHAT_SAMPLING, STOPS, ChatSession, run_script
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.lessons.catalog import LessonContext
 from kiln.lessons.narrate import Narrator
@@ -369,11 +369,13 @@ def _inside_the_adapter(
 
 def _chat(say: Narrator, adapter: Path, tokens: int) -> dict:
     say.step("A short chat")
-    sampling = SamplingConfig(max_new_tokens=tokens, temperature=0.7, top_k=50, seed=0)
+    sampling = SamplingConfig(**{**CHAT_SAMPLING, "max_new_tokens": tokens}, seed=0)
     say.say(
-        f"kiln.generate.chat keeps the conversation, writes it out in the Alpaca template and samples each answer "
-        f"(temperature 0.7, top-k 50; `/set temperature=0` switches to greedy). `kiln chat {escape(str(adapter))}` "
-        "is the same with you typing:"
+        "kiln.generate.chat keeps the conversation, writes it out in the Alpaca template and samples each answer "
+        "(temperature 0.6, top-k 50, top-p 0.9; `/set temperature=0` switches to greedy). It samples only words "
+        "the model has read (counted when its text was prepared, in the tokenizer's words.txt) or the "
+        "conversation holds, so a word is never made up piece by piece (`/set known_words=false` lets it). "
+        f"`kiln chat {escape(str(adapter))}` is the same with you typing:"
     )
     session = ChatSession.from_checkpoint(adapter, sampling=sampling)
     transcript = Transcript()

@@ -150,13 +150,19 @@ def test_a_base_model_chats_as_plain_continuation(model, tokenizer):
 
 def test_set_changes_sampling(model, tokenizer):
     you = session(model, tokenizer, sampling=None)
-    assert (you.sampling.temperature, you.sampling.top_k, you.sampling.max_new_tokens) == (0.7, 50, 200)
+    assert (you.sampling.temperature, you.sampling.top_k, you.sampling.top_p) == (0.6, 50, 0.9)
+    assert you.sampling.max_new_tokens == 200
     assert you.handle("/set temperature=0.2") == "temperature=0.2"
     you.handle("/set top_k = none")
     you.handle("/set max_new_tokens=32")
     you.handle("/set seed=7")
-    assert you.sampling == SamplingConfig(max_new_tokens=32, temperature=0.2, top_k=None, seed=7)
+    assert you.sampling == SamplingConfig(
+        max_new_tokens=32, temperature=0.2, top_k=None, top_p=0.9, seed=7, known_words=True
+    )
     assert "temperature=0.2" in you.handle("/set")
+    # this tokenizer keeps no words.txt, and the chat says what that means
+    assert "samples freely" in you.handle("/set known_words=on")
+    assert you.handle("/set known_words=off") == "known_words=False"
 
 
 @pytest.mark.parametrize(
@@ -286,5 +292,5 @@ def test_a_session_opens_a_checkpoint_in_its_template(model, tokenizer, tmp_path
     save_checkpoint(tmp_path / "base", model, tokenizer)
     tuned = ChatSession.from_checkpoint(tmp_path / "tuned", system="Be brief.")
     assert tuned.template.name == "alpaca" and tuned.system == "Be brief."
-    assert tuned.sampling == SamplingConfig(max_new_tokens=200, temperature=0.7, top_k=50)
+    assert tuned.sampling == SamplingConfig(max_new_tokens=200, temperature=0.6, top_k=50, top_p=0.9, known_words=True)
     assert ChatSession.from_checkpoint(tmp_path / "base").is_base_model
