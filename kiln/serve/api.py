@@ -65,6 +65,7 @@ class Sampling(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    known_words: bool = False  # Kiln's: only words the model has read (kiln.generate.known_words)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int | None = Field(None, ge=1)
@@ -79,6 +80,7 @@ class Sampling(BaseModel):
             top_p=self.top_p,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed,
+            known_words=self.known_words,
         )
 
     def stops(self) -> list[str]:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.generate.sampling import SamplingConfig, TextStream, draw, process_logits
+from kiln.generate.known_words import WordGuard
+from kiln.generate.sampling import SamplingConfig, TextStream, draw, process_logits, word_guard
 from kiln.serve.auth import APIError
 from kiln.serve.models import Engine, ModelRegistry, ServedModel
 
@@ -44,6 +45,7 @@ class Job:
     history: list[int] = field(default_factory=list)
     stream: TextStream | None = None
     generator: torch.Generator | None = None
+    guard: WordGuard | None = None  # with known_words, for a model that keeps its words
 
     def cancel(self) -> None:
         """The client has gone: the worker frees the slot before its next step."""
@@ -148,8 +150,10 @@ class Scheduler:
         job.generator = torch.Generator(device=device).manual_seed(seed)
         job.stream = TextStream(job.model.tokenizer, job.stop)
         job.history = list(job.prompt)
+        prompt = torch.tensor([job.prompt], device=device)
+        job.guard = word_guard(engine.gpt, job.model.tokenizer, prompt, job.sampling)
         with engine.using(job.model.adapter):
-            logits = engine.gpt.decode(torch.tensor([job.prompt], device=device), engine.cache.slot(job.slot))
+            logits = engine.gpt.decode(prompt, engine.cache.slot(job.slot))
         job.position = len(job.prompt)
         self._choose([job], logits[:, -1])
 
@@ -176,8 +180,8 @@ class Scheduler:
         alike: dict[tuple, list[int]] = {}
         for row, job in enumerate(jobs):
             s = job.sampling
-            # Only the repetition penalty reads a job's own history, so such a job is sampled alone.
-            own = row if s.repetition_penalty != 1.0 else None
+            # The repetition penalty and known words read a job's own text, so such a job is sampled alone.
+            own = row if s.repetition_penalty != 1.0 or job.guard is not None else None
             key = (s.temperature, s.top_k, s.top_p, s.repetition_penalty, job.model.tokenizer.vocab_size, own)
             alike.setdefault(key, []).append(row)
         tokens: dict[int, int] = {}
@@ -186,6 +190,8 @@ class Scheduler:
             sampling = first.sampling
             # Only this model's vocabulary: an adapter may have grown the vocabulary the engine shares.
             group_logits = logits[rows, : first.model.tokenizer.vocab_size]
+            if first.guard is not None:
+                group_logits = first.guard.restrict(group_logits)
             seen = first.history if sampling.repetition_penalty != 1.0 else []
             history = torch.tensor([seen], dtype=torch.long, device=logits.device)
             scores = process_logits(group_logits, history, sampling)
@@ -203,6 +209,8 @@ class Scheduler:
         max_tokens or the end of the context."""
         tokenizer = job.model.tokenizer
         job.history.append(token)
+        if job.guard is not None:
+            job.guard.advance([token])
         self.decoded += 1
         if token == tokenizer.eos_id:
             return self._finish(job, "stop")

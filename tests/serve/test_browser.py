@@ -414,7 +414,8 @@ def api_answer(server: LiveServer, model: str, question: str, max_tokens: int) -
         "model": model,
         "messages": [{"role": "user", "content": question}],
         "temperature": 0,
-        "top_p": 0.95,  # the page's default
+        "top_p": 0.95,  # the page's defaults
+        "known_words": True,
         "max_tokens": max_tokens,
         "truncate_history": True,
     }

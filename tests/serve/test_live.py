@@ -87,7 +87,7 @@ def test_a_client_that_hangs_up_frees_its_slot_within_a_token(live_server, long_
 
 def test_a_full_queue_answers_503(live_server, long_checkpoint):
     server = live_server(long_checkpoint, "--max-batch", "1", "--queue", "1")
-    body = {"model": "long", "prompt": "a", "max_tokens": 400, "stream": True}
+    body = {"model": "long", "prompt": "a", "max_tokens": 1000, "stream": True}  # seconds of decoding each
 
     def read_all() -> None:
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
@@ -148,3 +148,35 @@ def test_requests_decoded_together_get_the_text_each_gets_alone(live_server, lon
     assert [text for text, _ in together] == alone
     assert all(len(text) == 120 for text in alone)
     assert len(set(alone[2:])) == 4  # the draws really differ, so a mix-up of generators would show
+
+
+def test_known_words_hold_a_served_model_to_the_words_it_has_read(live_server, tmp_path):
+    """Kiln's `known_words` field through the openai client's extra_body, on an untrained char model."""
+    import torch
+
+    from kiln.checkpoint import save_checkpoint
+    from kiln.data.tokenizers import CharTokenizer
+    from kiln.data.words import words_of
+    from kiln.model.gpt import GPT, GPTConfig
+
+    from .conftest import CHARS
+
+    tokenizer = CharTokenizer(set(CHARS))
+    tokenizer.words = {w: 1 for q, a in LEARNED for w in words_of(q + " " + a)} | {"a": 1, "i": 1}
+    torch.manual_seed(2)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    folder = save_checkpoint(tmp_path / "words" / "best", GPT(config), tokenizer)
+    ai = client(live_server(folder))
+    model = ai.models.list().data[0].id
+    known = set(tokenizer.words) | {"the", "sky"}
+
+    def ask(**extra) -> list[str]:
+        reply = ai.completions.create(
+            model=model, prompt="the sky ", max_tokens=50, temperature=1.0, seed=3, extra_body=extra
+        )
+        text = reply.choices[0].text
+        return words_of(text)[:-1] if text[-1:].isalpha() else words_of(text)  # the last may be cut off
+
+    assert sum(w not in known for w in ask()) > 3  # left free, an untrained model spells nonsense
+    held = ask(known_words=True)
+    assert len(held) > 5 and [w for w in held if w not in known] == []

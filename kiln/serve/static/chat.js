@@ -53,6 +53,7 @@ function saveSettings() {
     temperature: $("temperature").value,
     "top-p": $("top-p").value,
     "max-tokens": $("max-tokens").value,
+    "known-words": $("known-words").checked,
     compare: $("compare").checked,
   };
   localStorage.setItem(SETTINGS_ITEM, JSON.stringify(saved));
@@ -67,6 +68,7 @@ function sampling() {
     temperature: number("temperature", 0.8),
     top_p: number("top-p", 1),
     max_tokens: Math.round(number("max-tokens", 200)),
+    known_words: $("known-words").checked,
   };
 }
 
@@ -515,7 +517,9 @@ async function start() {
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("new-chat").addEventListener("click", startNewChat);
   $("model").addEventListener("change", () => localStorage.setItem(MODEL_ITEM, $("model").value));
-  for (const id of ["temperature", "top-p", "max-tokens", "compare"]) $(id).addEventListener("change", saveSettings);
+  for (const id of ["temperature", "top-p", "max-tokens", "known-words", "compare"]) {
+    $(id).addEventListener("change", saveSettings);
+  }
   $("api-key").addEventListener("change", async () => {
     Kiln.setApiKey($("api-key").value.trim());
     showStatus("");
