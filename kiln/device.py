@@ -22,6 +22,11 @@ DEVICES = "auto, cpu, cuda, cuda:N or mps"
 # bf16 autocast on a CPU pays only once the matrix products are wide enough for AMX / AVX-512 BF16 to
 # outrun fp32: at nanoGPT's 128-wide shape bf16 ran 15% slower, at GPT-2's 768 several times faster.
 BF16_MIN_WIDTH_CPU = 256
+# AMX's tiles pay from 128 wide when a micro-batch holds many tokens (pretraining's full windows): a
+# training step at 128 wide took 0.66x fp32's time at 16 x 256 tokens and 0.75x at 8 x 256, but 1.10x at
+# 8 x 64 (2-core Xeon). AVX-512 BF16 without AMX took 1.13-1.15x at both large sizes, so it keeps 256.
+AMX_BF16_MIN_WIDTH = 128
+AMX_BF16_MIN_TOKENS = 2048
 
 
 class DeviceError(KilnError):
@@ -92,19 +97,26 @@ def cpu_has_fast_bf16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
-def autocast_dtype(precision: str, device: torch.device, width: int | None = None) -> torch.dtype | None:
-    """The autocast dtype for `precision` (auto, fp32, bf16) on `device` for a model `width` wide;
-    None means plain fp32. See `precision_reason` for the rule `auto` follows."""
-    return _precision_choice(precision, device, width)[0]
+def autocast_dtype(
+    precision: str, device: torch.device, width: int | None = None, batch_tokens: int | None = None
+) -> torch.dtype | None:
+    """The autocast dtype for `precision` (auto, fp32, bf16) on `device` for a model `width` wide whose
+    micro-batches hold `batch_tokens` tokens (when every row is a full window; else None); None means
+    plain fp32. See `precision_reason` for the rule `auto` follows."""
+    return _precision_choice(precision, device, width, batch_tokens)[0]
 
 
-def precision_reason(precision: str, device: torch.device, width: int | None = None) -> str:
+def precision_reason(
+    precision: str, device: torch.device, width: int | None = None, batch_tokens: int | None = None
+) -> str:
     """What `autocast_dtype` chose and why, in a few words, for the run's opening lines."""
-    dtype, why = _precision_choice(precision, device, width)
+    dtype, why = _precision_choice(precision, device, width, batch_tokens)
     return f"{'bf16 autocast' if dtype else 'fp32'} ({why})"
 
 
-def _precision_choice(precision: str, device: torch.device, width: int | None) -> tuple[torch.dtype | None, str]:
+def _precision_choice(
+    precision: str, device: torch.device, width: int | None, batch_tokens: int | None = None
+) -> tuple[torch.dtype | None, str]:
     if precision == "fp32":
         return None, "asked for"
     if precision == "bf16":
@@ -118,7 +130,13 @@ def _precision_choice(precision: str, device: torch.device, width: int | None) -
     if not cpu_has_fast_bf16():
         return None, "this CPU has no AMX / AVX-512 BF16, so bf16 would be emulated and slower"
     if width is not None and width < BF16_MIN_WIDTH_CPU:
-        return None, f"width {width} < {BF16_MIN_WIDTH_CPU}: too narrow for bf16 to pay on this CPU"
+        amx = "amx_bf16" in cpu_flags() and width >= AMX_BF16_MIN_WIDTH
+        if amx and batch_tokens and batch_tokens >= AMX_BF16_MIN_TOKENS:
+            return torch.bfloat16, f"the CPU has AMX and a micro-batch holds {batch_tokens:,} tokens"
+        why = f"width {width} < {BF16_MIN_WIDTH_CPU}: too narrow for bf16 to pay on this CPU"
+        if amx:
+            why += f" at {batch_tokens:,} tokens a micro-batch" if batch_tokens else " with rows of any length"
+        return None, why
     return torch.bfloat16, "the CPU has bf16 arithmetic" + (f" and the model is {width} wide" if width else "")
 
 

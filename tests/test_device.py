@@ -75,6 +75,18 @@ def test_auto_precision_on_a_bf16_cpu_depends_on_the_model_width(monkeypatch):
     assert "no AMX" in hardware.precision_reason("auto", cpu, width=768)
 
 
+def test_amx_takes_bf16_at_128_wide_only_for_big_micro_batches_of_full_windows(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    assert hardware.autocast_dtype("auto", cpu, width=128, batch_tokens=16 * 256) == torch.bfloat16
+    assert "AMX and a micro-batch holds 4,096 tokens" in hardware.precision_reason("auto", cpu, 128, 16 * 256)
+    assert hardware.autocast_dtype("auto", cpu, width=128, batch_tokens=8 * 64) is None  # measured slower
+    assert hardware.autocast_dtype("auto", cpu, width=128) is None  # fine-tuning: rows of any length
+    assert hardware.autocast_dtype("auto", cpu, width=64, batch_tokens=16 * 256) is None
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # AVX-512 BF16 alone
+    assert hardware.autocast_dtype("auto", cpu, width=128, batch_tokens=16 * 256) is None
+
+
 def test_a_device_that_is_not_here_is_a_device_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

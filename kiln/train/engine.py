@@ -242,6 +242,10 @@ class StepSplit:
             f"{world.size} processes; make grad_accum or batch_size a multiple of {world.size}"
         )
 
+    def rows_per_micro_batch(self, batch_size: int) -> int:
+        """How many rows this rank's micro-batches hold."""
+        return batch_size if self.by_accumulation else batch_size // self.world.size
+
     def micro_rows(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(global micro-batch number, rows) for each micro-batch this rank runs, in order."""
         micro = np.array_split(rows, self.grad_accum)
@@ -323,14 +327,20 @@ def process_threads(config: TrainConfig, world: World) -> int:
     return config.threads or max(1, physical_cores() // world.local_size)
 
 
-def describe_setup(config: TrainConfig, model_config: GPTConfig | None, world: World | None = None) -> str:
-    """One line: device, precision (and why), threads, processes."""
+def describe_setup(
+    config: TrainConfig, model_config: GPTConfig | None, world: World | None = None, full_windows: bool = False
+) -> str:
+    """One line: device, precision (and why), threads, processes. `full_windows`: every row of a batch is
+    a whole context window (pretraining), so a micro-batch's tokens are known."""
     world = world or launched_world()
     device = train_device(config, world)
     width = model_config.n_embd if model_config else None
+    batch_tokens = None
+    if full_windows and model_config:
+        batch_tokens = StepSplit.plan(config, world).rows_per_micro_batch(config.batch_size) * model_config.block_size
     threads = process_threads(config, world)
     return (
-        f"device: {device}, {precision_reason(config.precision, device, width)}"
+        f"device: {device}, {precision_reason(config.precision, device, width, batch_tokens)}"
         + (f", {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else "")
         + (f", {world.size} processes ({config.parallel})" if world.distributed else "")
         + (", torch.compile" if config.compile else "")
@@ -376,7 +386,10 @@ def train_model(
     join(world, device)
     threads = set_threads(process_threads(config, world))
     shape = model_config_of(model)
-    amp = autocast_dtype(config.precision, device, shape.n_embd if shape else None)
+    batch_tokens = (
+        split.rows_per_micro_batch(config.batch_size) * shape.block_size if shape and stage.tokens_per_step else None
+    )
+    amp = autocast_dtype(config.precision, device, shape.n_embd if shape else None, batch_tokens)
     total_steps = planned_steps(config, stage.steps_per_epoch, stage.tokens_per_step)
 
     if world.is_main:

@@ -184,7 +184,7 @@ def train_and_report(
         f"{run.model.n_embd} wide, context {run.model.block_size}): {params / 1e6:.2f}M parameters; "
         f"{tokens_per_step:,} tokens per step"
     )
-    print(describe_setup(run.train, run.model))
+    print(describe_setup(run.train, run.model, full_windows=True))
     rate = _StepRate(tokens_per_step)
     rows = pretraining_rows(data.tokens("train"), run.model, run.train, f"{data.folder} train")
     steps_limit = planned_steps(run.train, steps_per_epoch(rows), tokens_per_step)
