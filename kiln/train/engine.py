@@ -242,9 +242,9 @@ class StepSplit:
             f"{world.size} processes; make grad_accum or batch_size a multiple of {world.size}"
         )
 
-    def rows_per_micro_batch(self, batch_size: int) -> int:
-        """How many rows this rank's micro-batches hold."""
-        return batch_size if self.by_accumulation else batch_size // self.world.size
+    def micro_batch_tokens(self, batch_size: int, block_size: int) -> int:
+        """How many tokens this rank's micro-batches hold when every row is a full window."""
+        return (batch_size if self.by_accumulation else batch_size // self.world.size) * block_size
 
     def micro_rows(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(global micro-batch number, rows) for each micro-batch this rank runs, in order."""
@@ -337,7 +337,7 @@ def describe_setup(
     width = model_config.n_embd if model_config else None
     batch_tokens = None
     if full_windows and model_config:
-        batch_tokens = StepSplit.plan(config, world).rows_per_micro_batch(config.batch_size) * model_config.block_size
+        batch_tokens = StepSplit.plan(config, world).micro_batch_tokens(config.batch_size, model_config.block_size)
     threads = process_threads(config, world)
     return (
         f"device: {device}, {precision_reason(config.precision, device, width, batch_tokens)}"
@@ -387,7 +387,7 @@ def train_model(
     threads = set_threads(process_threads(config, world))
     shape = model_config_of(model)
     batch_tokens = (
-        split.rows_per_micro_batch(config.batch_size) * shape.block_size if shape and stage.tokens_per_step else None
+        split.micro_batch_tokens(config.batch_size, shape.block_size) if shape and stage.tokens_per_step else None
     )
     amp = autocast_dtype(config.precision, device, shape.n_embd if shape else None, batch_tokens)
     total_steps = planned_steps(config, stage.steps_per_epoch, stage.tokens_per_step)
