@@ -58,6 +58,9 @@ class KnownWords:
         for token, lead, _, _ in self.breaks:
             if lead:
                 self.leads[lead[0]].append((token, lead))
+        self.break_ids = torch.tensor([token for token, _, _, _ in self.breaks], dtype=torch.long)
+        self.no_lead = torch.tensor([not lead for _, lead, _, _ in self.breaks], dtype=torch.bool)
+        self.silent_ids = torch.tensor(self.silent, dtype=torch.long)
         # what each token leaves unfinished: letters add to the word, a break leaves its trailing letters
         self.grows = {token for group in self.letters.values() for token, _ in group}
         self.leaves = {token: text for group in self.letters.values() for token, text in group}
@@ -88,9 +91,7 @@ class WordGuard:
         tail = re.search(r"[a-z]*$", prompt.lower()).group()  # a prompt may end inside a word
         self.partial = [tail] * rows
         self.vocab_size = max(vocab_size, known.vocab_size)  # a model may have rows past the tokenizer's
-        self._masks: dict[str, torch.Tensor] = {}
-        self._blocked_masks: dict[str, torch.Tensor] = {}
-        self._break_ids = torch.tensor([b[0] for b in known.breaks], dtype=torch.long)
+        self._blocked: dict[str, torch.Tensor] = {}  # unfinished word -> the tokens that may not follow it
         self._rests_ok = torch.tensor(
             [
                 all(self._is_word(w) for w in inner) and (not trail or self._is_prefix(trail))
@@ -98,8 +99,6 @@ class WordGuard:
             ],
             dtype=torch.bool,
         )
-        self._no_lead = torch.tensor([not lead for _, lead, _, _ in known.breaks], dtype=torch.bool)
-        self._silent_ids = torch.tensor(known.silent, dtype=torch.long)
 
     def _is_word(self, word: str) -> bool:
         return word in self.known.words or word in self.extra
@@ -109,19 +108,16 @@ class WordGuard:
 
     def allowed(self, partial: str) -> torch.Tensor:
         """[vocab] bools: the tokens that may follow text ending in the unfinished word `partial`."""
-        if (mask := self._masks.get(partial)) is not None:
-            return mask
         mask = torch.zeros(self.vocab_size, dtype=torch.bool)
         ends = not partial or self._is_word(partial)  # the word so far may end here
         growing = self._going_on(partial, self.known.letters, self._is_prefix)
         mask[torch.tensor(growing, dtype=torch.long)] = True
         with_lead = self._going_on(partial, self.known.leads, self._is_word)
-        breaking = self._rests_ok & (self._no_lead & ends)
+        breaking = self._rests_ok & (self.known.no_lead & ends)
         if with_lead:
-            breaking |= self._rests_ok & torch.isin(self._break_ids, torch.tensor(with_lead, dtype=torch.long))
-        mask[self._break_ids] = breaking
-        mask[self._silent_ids] = ends
-        self._masks[partial] = mask
+            breaking |= self._rests_ok & torch.isin(self.known.break_ids, torch.tensor(with_lead, dtype=torch.long))
+        mask[self.known.break_ids] = breaking
+        mask[self.known.silent_ids] = ends
         return mask
 
     def _going_on(self, partial: str, by_letter: dict[str, list[tuple[int, str]]], test) -> list[int]:
@@ -138,14 +134,15 @@ class WordGuard:
     def restrict(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [rows, V] with the tokens each row may not take set to -inf. A row whose word can go
         nowhere known (the prompt left it so) is left free."""
-        blocked = torch.stack([self._blocked(partial) for partial in self.partial])
+        blocked = torch.stack([self.blocked(partial) for partial in self.partial])
         return logits.masked_fill(blocked[:, : logits.shape[-1]].to(logits.device), float("-inf"))
 
-    def _blocked(self, partial: str) -> torch.Tensor:
-        """The tokens that may not follow `partial`: none when no token may (the row goes free)."""
-        if (blocked := self._blocked_masks.get(partial)) is None:
+    def blocked(self, partial: str) -> torch.Tensor:
+        """The tokens that may not follow `partial`, worked out once per answer: none when no token may
+        (the row goes free)."""
+        if (blocked := self._blocked.get(partial)) is None:
             allowed = self.allowed(partial)
-            blocked = self._blocked_masks[partial] = ~allowed if allowed.any() else torch.zeros_like(allowed)
+            blocked = self._blocked[partial] = ~allowed if allowed.any() else torch.zeros_like(allowed)
         return blocked
 
     def advance(self, tokens: list[int]) -> None:
