@@ -12,6 +12,7 @@ from pathlib import Path
 
 import kiln
 from kiln.errors import ConfigError, DataError, KilnError, TrainingStopped
+from kiln.generate.chat_defaults import CHAT_SAMPLING
 
 EXIT_USER_ERROR = 2
 
@@ -230,15 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     ch = commands.add_parser("chat", parents=common, help="talk to a checkpoint in the terminal, streamed")
     ch.add_argument("checkpoint", help="a checkpoint or adapter folder, e.g. RUN_DIR/best")
     ch.add_argument("--system", help="a system message to start with")
-    ch.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
-    ch.add_argument("--top-k", type=int, default=50)
-    ch.add_argument("--top-p", type=float, default=0.9)
-    ch.add_argument("--max-new-tokens", type=int, default=200)
+    temperature = CHAT_SAMPLING["temperature"]
+    ch.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    ch.add_argument("--top-k", type=int, default=CHAT_SAMPLING["top_k"])
+    ch.add_argument("--top-p", type=float, default=CHAT_SAMPLING["top_p"])
+    ch.add_argument("--max-new-tokens", type=int, default=CHAT_SAMPLING["max_new_tokens"])
     ch.add_argument("--repetition-penalty", type=float, default=1.0)
     ch.add_argument(
         "--known-words",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=CHAT_SAMPLING["known_words"],
         help="only words the model has read or the conversation holds, when its tokenizer keeps them (default on)",
     )
     ch.add_argument("--seed", type=int)

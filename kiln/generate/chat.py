@@ -23,6 +23,7 @@ from kiln.data.templates import Piece, Template, encode_pieces, get_template
 from kiln.data.tokenizers import Tokenizer
 from kiln.data.tokenizers.char import UnknownCharacter
 from kiln.errors import ConfigError, KilnError, TokenizerError
+from kiln.generate.chat_defaults import CHAT_SAMPLING
 from kiln.generate.sampling import SamplingConfig, stream_reply
 from kiln.model.gpt import GPT
 from kiln.model.packed import pack_for_decoding
@@ -32,10 +33,6 @@ class UnreadableMessage(TokenizerError):
     """A message with a character the model's vocabulary lacks: it is not sent, the chat goes on."""
 
 
-# Cooler than `kiln sample` (temperature 0.8, top-k 200): a chat answer should stay on the question, so
-# temperature 0.6 and top-p 0.9 as Meta ships Llama 3's chat models, with transformers' top-k 50. And in
-# words the model has read, when it keeps them (kiln.generate.known_words): a small model makes words up.
-CHAT_SAMPLING = {"max_new_tokens": 200, "temperature": 0.6, "top_k": 50, "top_p": 0.9, "known_words": True}
 SETTINGS = typing.get_type_hints(SamplingConfig)  # what /set can change, with each value's type
 COMMANDS = {
     "/reset": "forget the conversation (the system message stays)",
