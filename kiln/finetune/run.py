@@ -78,7 +78,8 @@ def finetune_and_report(
     resume: bool = False,
 ) -> Path:
     """Fine-tune the checkpoint `base` on instruction data into `out` (or continue the run there from its
-    `last/`); returns the best weights' folder (a full checkpoint, or an adapter folder with LoRA)."""
+    `last/`); returns the kept weights' folder (`best/` unless `keep=last`; a full checkpoint, or an adapter
+    folder with LoRA)."""
     config, train_config = finetune_settings(settings)
     checkpoint = _start(base, data_spec, out, lora, resume, train_config.seed)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
@@ -161,10 +162,11 @@ def finetune_and_report(
             on_estimate=lambda steps, seconds: advance(0, total=steps),
             lora=lora is not None,
         )
+    kept = out / config.keep
     if launched_world().is_main:
-        _report(result, out, epoch_steps)
-        _show_example(out / "best", splits["test"] or splits["val"], train_config.device)
-    return out / "best"
+        _report(result, kept, epoch_steps)
+        _show_example(kept, splits["test"] or splits["val"], train_config.device)
+    return kept
 
 
 def preference_tune_and_report(
@@ -250,7 +252,7 @@ def preference_tune_and_report(
             lora=lora is not None,
         )
     if launched_world().is_main:
-        _report(result, out, epoch_steps)
+        _report(result, out / "best", epoch_steps)
         _report_preferences(out / METRICS_FILE, len(encoded["val"]))
         held_out = splits["test"] or splits["val"]
         _show_example(out / "best", [pair.conversations()[0] for pair in held_out], train_config.device)
@@ -367,13 +369,14 @@ def _restore(folder: Path, module, lora: bool) -> TrainingState:
     return load_training_state(folder)
 
 
-def _report(result: TrainResult, out: Path, epoch_steps: int) -> None:
+def _report(result: TrainResult, kept: Path, epoch_steps: int) -> None:
     print(
         f"done: {result.steps:,} steps ({result.steps / epoch_steps:.2f} epochs) in {result.seconds:.0f}s"
         + (" (stopped early: val loss stopped improving)" if result.stopped_early else "")
         + f"; val loss {result.first_val_loss:.4f} before, {result.best_val_loss:.4f} best"
+        + (f", {result.last_val_loss:.4f} last" if kept.name == "last" else "")
     )
-    print(f"best weights: {out / 'best'}; metrics: {out / 'metrics.jsonl'}")
+    print(f"{kept.name} weights: {kept}; metrics: {kept.parent / 'metrics.jsonl'}")
 
 
 def _show_example(best: Path, conversations: list, device: str) -> None:

@@ -26,6 +26,7 @@ from kiln.train.engine import Stage, TrainConfig, TrainResult, train_model
 from kiln.train.optim import OptimConfig
 
 DEFAULT_EPOCHS = 2  # when no limit is given
+KEPT_WEIGHTS = ("best", "last")  # the run's folders that FinetuneConfig.keep may name
 
 
 @dataclass
@@ -47,6 +48,10 @@ class FinetuneConfig:
     # Each original training example this many times (the demo uses 3, beside 8 word-swapped copies): the
     # copies teach the form of an answer, the originals its facts.
     original_copies: int = 1
+    # Which weights the run gives back: "best" (the lowest val answer loss) or "last" (the final step). A small
+    # model that learns its examples by heart answers them better while its val loss rises, so the demo's
+    # last stage keeps "last".
+    keep: str = "best"
 
     def __post_init__(self) -> None:
         if self.word_swaps < 0 or self.original_copies < 1:
@@ -54,6 +59,8 @@ class FinetuneConfig:
                 f"word_swaps={self.word_swaps}, original_copies={self.original_copies}: "
                 "word_swaps must be 0 or more and original_copies 1 or more"
             )
+        if self.keep not in KEPT_WEIGHTS:
+            raise ConfigError(f"keep={self.keep!r}: use one of {', '.join(KEPT_WEIGHTS)}")
 
     def optim(self, lr: float) -> OptimConfig:
         return OptimConfig(

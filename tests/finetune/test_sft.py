@@ -92,6 +92,29 @@ def test_early_stop_ends_when_val_loss_stops_improving(tmp_path, base_checkpoint
     assert rows[-1]["step"] < 50 * 5  # far short of 50 epochs of 5 batches
 
 
+def test_keep_last_gives_back_the_final_weights_even_when_val_loss_rose(
+    tmp_path, base_checkpoint, instruction_file, capsys
+):
+    out = tmp_path / "run"
+    args = ["finetune", str(base_checkpoint), "--data", str(instruction_file), "--out", str(out), "--epochs", "12"]
+    args += ["--set", "eval_interval=5", "--set", "lr=3e-2", "--set", "block_size=128", "--set", "keep=last"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best, last = min(row["val_loss"] for row in rows), rows[-1]["val_loss"]
+    assert last > best  # learnt by heart: its val loss rose past the best
+    assert f"{best:.4f} best, {last:.4f} last" in printed and f"last weights: {out / 'last'};" in printed
+    assert val_loss(out / "last", instruction_file) == pytest.approx(last, rel=1e-4)
+    assert val_loss(out / "best", instruction_file) == pytest.approx(best, rel=1e-4)
+
+
+def test_keep_names_best_or_last(tmp_path, base_checkpoint, instruction_file, capsys):
+    args = ["finetune", str(base_checkpoint), "--data", str(instruction_file), "--out", str(tmp_path / "o")]
+    assert main([*args, "--set", "keep=newest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "keep='newest': use one of best, last" in err and "\n" not in err
+
+
 def test_with_prompt_loss_more_tokens_count(base_checkpoint, instruction_file):
     checkpoint = load_checkpoint(base_checkpoint)
     tokenizer = checkpoint.tokenizer.with_added(chars="#0123456789()", specials=[])
