@@ -5,8 +5,10 @@ Most answers restate part of their question ("What is the capital of Sweden?" ->
 is Stockholm."). A copy of such an example has each word that its prompt and its answer share (three
 letters or more, not a common function word) replaced, in both, by a word drawn from the words that
 other training examples share the same way: "What is the capital of Lion?" -> "The capital of Lion is
-Stockholm." The copies' facts are nonsense; what they teach is that the answer's word is the question's.
-On the demo's 4M-parameter model this took the held-out ROUGE-L from about 0.3 to 0.4 (docs/finetune.md).
+Stockholm." The copies' facts are nonsense, so only the answer's words that its question has carry loss
+("Stockholm" carries none): what a copy teaches is that the answer's word is the question's, and nothing
+against the original's fact. On the demo's model the copies took the held-out ROUGE-L from about 0.3 to
+0.4, and taking the loss off their facts to 0.48 (docs/finetune.md).
 Only training examples are copied, never val or test ones.
 """
 
@@ -14,14 +16,24 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
 from kiln.data.instructions import Conversation, Message
+from kiln.data.templates import Encoded
+from kiln.data.tokenizers import Tokenizer
+from kiln.model.gpt import IGNORE
 
 WORD = re.compile(r"[A-Za-z]+")
+ANSWER_WORD = re.compile(r"[A-Za-z0-9]+")  # what a copy's answer may state that its question lacks: numbers too
 FUNCTION_WORDS = frozenset(
     "the and for are that this with from its into than then there these those which who whom how why when "  # noqa: SIM905
     "where was were has have had not but can will would should could may might must does did what".split()
 )
+
+
+@dataclass
+class SwappedCopy(Conversation):
+    """A word-swapped copy of a training example: only its answer's words that its question has carry loss."""
 
 
 def content_words(text: str) -> set[str]:
@@ -67,4 +79,31 @@ def _swapped(conversation: Conversation, mapping: dict[str, str]) -> Conversatio
         return WORD.sub(replace, text)
 
     messages = [Message(m.role, swap(m.content), swap(m.context)) for m in conversation.messages]
-    return Conversation(messages, conversation.source)
+    return SwappedCopy(messages, conversation.source)
+
+
+def without_new_words(labels: list[int], encoded: Encoded, tokenizer: Tokenizer, question: str) -> list[int]:
+    """`labels` (next-token labels of `encoded`) with IGNORE for every answer token that spells part of a
+    word its question lacks: a swapped copy's facts, which are about the original's words."""
+    asked = {word.lower() for word in ANSWER_WORD.findall(question)}
+    specials = set(tokenizer.special_tokens.values())
+    labels = list(labels)
+    run: list[int] = []  # positions of one stretch of answer text (specials end it)
+    for position, (token, trainable) in enumerate([*zip(encoded.ids, encoded.trainable, strict=True), (None, False)]):
+        if trainable and token not in specials:
+            run.append(position)
+            continue
+        if run:
+            for start in _new_word_tokens([encoded.ids[p] for p in run], tokenizer, asked):
+                labels[run[start] - 1] = IGNORE  # the label at i is the token at i + 1
+            run = []
+    return labels
+
+
+def _new_word_tokens(ids: list[int], tokenizer: Tokenizer, asked: set[str]) -> list[int]:
+    """Indexes into `ids` of the tokens whose text overlaps a word that is not in `asked`."""
+    ends = [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]  # prefixes: exact for multi-byte text
+    text = tokenizer.decode(ids)
+    new = [m.span() for m in ANSWER_WORD.finditer(text) if m.group(0).lower() not in asked]
+    starts = [0, *ends[:-1]]
+    return [i for i, (a, b) in enumerate(zip(starts, ends, strict=True)) if any(a < e and s < b for s, e in new)]

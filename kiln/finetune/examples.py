@@ -16,6 +16,7 @@ from kiln.data.instructions import Conversation
 from kiln.data.templates import Template, encode_pieces, fit_to_context
 from kiln.data.tokenizers import Tokenizer
 from kiln.errors import DataError
+from kiln.finetune.augment import SwappedCopy, without_new_words
 from kiln.model.gpt import IGNORE
 
 
@@ -38,6 +39,8 @@ def encode_conversations(
         encoded = fit_to_context(encode_pieces(template.render(conversation.messages), tokenizer), block_size + 1)
         truncated += encoded.truncated
         inputs, labels = encoded.inputs_and_labels(prompt_loss)
+        if isinstance(conversation, SwappedCopy):
+            labels = without_new_words(labels, encoded, tokenizer, conversation.prompt_text)
         if all(label == IGNORE for label in labels):
             continue  # nothing of the answer survived truncation: nothing to learn from it
         examples.append(Example(inputs, labels))

@@ -8,9 +8,13 @@ import pytest
 from kiln.checkpoint import load_checkpoint
 from kiln.cli import main
 from kiln.data.instructions import Conversation, Message, load_instructions
+from kiln.data.templates import get_template
+from kiln.data.tokenizers import EOS, BPETokenizer, CharTokenizer
 from kiln.errors import ConfigError
-from kiln.finetune.augment import shared_words, with_swapped_words
+from kiln.finetune.augment import SwappedCopy, shared_words, with_swapped_words
+from kiln.finetune.examples import encode_conversations
 from kiln.finetune.sft import finetune_settings
+from kiln.model.gpt import IGNORE
 
 
 def example(question: str, answer: str, context: str = "") -> Conversation:
@@ -68,6 +72,33 @@ def test_original_copies_repeat_each_training_example_beside_its_swapped_copies(
     assert len(copies(mixed)) == 9 and copies(mixed) == copies(once)  # the same copies
     alone = with_swapped_words(train, copies=0, seed=1, originals=3)
     assert sorted(map(repr, alone)) == sorted(map(repr, train * 3))
+
+
+def answer_losses(conversation, tokenizer) -> list[tuple[str, bool]]:
+    """Each answer token's text and whether it carries loss, as fine-tuning encodes `conversation`."""
+    (example,), _ = encode_conversations([conversation], get_template("alpaca"), tokenizer, 256)
+    targets = [*example.inputs[1:], example.labels[-1]]  # the token each position predicts (the last: EOS)
+    start = next(i for i, label in enumerate(example.labels) if label != IGNORE)  # the answer's first token
+    return [(tokenizer.decode([targets[i]]), example.labels[i] != IGNORE) for i in range(start, len(targets))]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_copy_carries_loss_only_on_the_answer_words_its_question_has(kind):
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!:'#\n"
+    texts = ["What is the capital of Lion? The capital of Lion is Stockholm, 1,234 km away."] * 50
+    tokenizer = (
+        CharTokenizer(letters, specials=[EOS]) if kind == "char" else BPETokenizer.train(texts, 300)
+    ).with_added(specials=[EOS])
+    question, answer = "What is the capital of Lion?", "The capital of Lion is Stockholm, 1,234 km away."
+    original = example(question, answer)
+    copy = SwappedCopy(original.messages, "test")
+    learnt = "".join(text if loss else "_" * len(text) for text, loss in answer_losses(copy, tokenizer))
+    # Stockholm, the numbers and "km away" are not in the question: no loss on them. The question's words,
+    # the spaces and punctuation around them, and the answer's end (EOS) keep theirs.
+    assert learnt.startswith("The capital of Lion is") and "Stockholm" not in learnt and "234" not in learnt
+    assert learnt.endswith("." + tokenizer.decode([tokenizer.eos_id])) and "km" not in learnt and "away" not in learnt
+    whole = "".join(text for text, loss in answer_losses(original, tokenizer) if loss)
+    assert whole == answer + tokenizer.decode([tokenizer.eos_id])  # an original keeps loss on all of it
 
 
 def test_word_swap_counts_below_their_minimum_are_config_errors():
