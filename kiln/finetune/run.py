@@ -141,6 +141,7 @@ def finetune_and_report(
             "format": data.format,
             "split_seed": config.split_seed,
             "lora": asdict(lora) if lora else None,
+            "keep": config.keep,  # which of the run's folders a run-folder path means (kiln serve)
         },
     }
     save, restore = _writers(base, tokenizer, info, lora)

@@ -101,11 +101,13 @@ class ServedModel:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder means its best/ (or last/ when it has no best/); a checkpoint or adapter folder is itself."""
+    """A run folder means the weights its run gave back: its best/ (or last/ when it has no best/), or its
+    last/ when it was fine-tuned with keep=last; a checkpoint or adapter folder is itself."""
     path = Path(path)
     if is_checkpoint(path) or is_adapter(path):
         return path
-    for name in ("best", "last"):
+    kept_last = (read_info(path / "last").get("finetune") or {}).get("keep") == "last"
+    for name in ("last", "best") if kept_last else ("best", "last"):
         if is_checkpoint(path / name) or is_adapter(path / name):
             return path / name
     raise ConfigError(

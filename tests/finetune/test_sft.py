@@ -14,6 +14,7 @@ from kiln.data.templates import encode_pieces, get_template
 from kiln.finetune.examples import encode_conversations
 from kiln.finetune.sft import masked_loss
 from kiln.generate.sampling import SamplingConfig, generate
+from kiln.serve.models import resolve_checkpoint
 
 
 def val_loss(folder, instruction_file):
@@ -106,6 +107,10 @@ def test_keep_last_gives_back_the_final_weights_even_when_val_loss_rose(
     assert f"{best:.4f} best, {last:.4f} last" in printed and f"last weights: {out / 'last'};" in printed
     assert val_loss(out / "last", instruction_file) == pytest.approx(last, rel=1e-4)
     assert val_loss(out / "best", instruction_file) == pytest.approx(best, rel=1e-4)
+    assert resolve_checkpoint(out) == out / "last"  # `kiln serve RUN` serves the weights the run kept
+    other = tmp_path / "other"
+    assert main([*args[:5], str(other), "--max-iters", "2", "--set", "block_size=128"]) == 0
+    assert resolve_checkpoint(other) == other / "best"
 
 
 def test_keep_names_best_or_last(tmp_path, base_checkpoint, instruction_file, capsys):
