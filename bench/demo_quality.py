@@ -42,6 +42,10 @@ from kiln.model.lora import LoraSettings
 from kiln.train.run import parse_duration, train_and_report, training_data
 
 BARS = {"rouge_l": 0.30, "english": 0.95, "train_s": 360.0}
+TRAIN_EXAMPLES = 100  # the first of the training split, answered greedily: what each model learnt by heart
+# Questions whose facts no training example gives (the train split has "opposite of 'cold' is 'hot'", only
+# German for "thank you", and "fly" is a test question): what the demo's chatbot does beyond its examples.
+UNTAUGHT = ("What is the opposite of hot?", "Translate 'thank you' into French.", "What is the past tense of 'fly'?")
 
 
 def main() -> int:
@@ -70,6 +74,7 @@ def main() -> int:
         ("exact match, greedy", "exact_match", "scores", ""),
         ("answer loss (before fine-tuning)", "answer_loss", "before_scores", ""),
         ("answer loss", "answer_loss", "scores", ""),
+        (f"ROUGE-L, greedy, on {TRAIN_EXAMPLES} of the training examples", "rouge_l", "train_scores", ""),
     ]
     print(f"\nload average (1 min) at the start, between the runs, at the end: {', '.join(f'{x:.2f}' for x in load)}")
     print("\n| on the 55 test examples | today's recipe | the demo's recipe | bar | holds |")
@@ -112,6 +117,11 @@ def main() -> int:
             print(f"   {label}: {answers[name][number]['response']!r}")
     print("\nThe demo's scripted chat (`kiln chat`'s sampling, then greedy):")
     run_script(ChatSession.from_checkpoint(demo["tuned"], sampling=CHAT_SAMPLING), CHAT_SCRIPT)
+    print("\nQuestions no training example answers (greedy, each on its own):")
+    run_script(
+        ChatSession.from_checkpoint(demo["tuned"], sampling=SamplingConfig(max_new_tokens=60, temperature=0)),
+        [line for question in UNTAUGHT for line in (question, "/reset")][:-1],
+    )
     return 0
 
 
@@ -129,6 +139,7 @@ def _demo_recipe(out: Path, pretrain_s: float, finetune_s: float) -> dict:
         "finetune_s": finetuned - pretrained,
         "before_scores": scores["before"],
         "scores": scores["after"],
+        "train_scores": train_scores(tuned),
     }
 
 
@@ -145,6 +156,7 @@ def _todays_recipe(out: Path) -> dict:
         "finetune_s": finetuned - pretrained,
         "before_scores": evaluate(_base_for_instructions(base, out), INSTRUCTIONS, max_new_tokens=100, show=False),
         "scores": evaluate(tuned, INSTRUCTIONS, max_new_tokens=100, show=False),
+        "train_scores": train_scores(tuned),
     }
 
 
@@ -169,6 +181,11 @@ def _base_for_instructions(base: Path, out: Path) -> Path:
     checkpoint.model.resize_context(512)
     info = {"template": template.name, "finetune": {"data": INSTRUCTIONS, "split_seed": FinetuneConfig().split_seed}}
     return save_checkpoint(out / "before-finetuning", checkpoint.model, tokenizer, info=info)
+
+
+def train_scores(tuned: Path) -> dict:
+    """Greedy answers to the first TRAIN_EXAMPLES training examples, scored as the test split is."""
+    return evaluate(tuned, INSTRUCTIONS, split="train", limit=TRAIN_EXAMPLES, max_new_tokens=100, show=False)
 
 
 def english_words(data_dir: str | None) -> set[str]:

@@ -46,21 +46,29 @@ INSTRUCTION_REPEATS = 3
 DEMO_PROMPTS = ("The history of the city", "The opposite of hot is")
 SAMPLE_TOKENS = 120
 TEMPLATE = "alpaca"
-# Full fine-tuning at the pretrained context (256 tokens hold every example), with 8 word-swapped copies of
-# each training example (kiln/finetune/augment.py): with the preset's smeared keys they teach the model to
-# answer with the question's own words; each original example 3 times, so its facts are not drowned out
-# by the copies' nonsense ones (docs/finetune.md).
-FINETUNE_SETTINGS: dict = {"word_swaps": 8, "original_copies": 3}
+# Full fine-tuning at the pretrained context (256 tokens hold every example), in two stages of equal time,
+# the second starting from the first. First each training example 3 times beside 8 word-swapped copies of
+# it (kiln/finetune/augment.py): with the preset's smeared keys the copies teach the model to answer with
+# the question's own words (their other words, the original's facts put to the wrong words, carry no loss).
+# Then the examples alone, about seven passes, kept at the last step: the model learns their facts by heart
+# (its val loss rises a little as it does, the held-out ROUGE-L holds) and gives them when asked in other
+# words (docs/finetune.md).
+FINETUNE_STAGES: tuple[tuple[str, float, dict], ...] = (
+    ("sft-copying", 0.5, {"word_swaps": 8, "original_copies": 3}),
+    ("sft", 0.5, {"keep": "last"}),
+)
 CHAT_SAMPLING = SamplingConfig(**{**CHAT_DEFAULTS, "max_new_tokens": 150}, seed=0)  # `kiln chat`'s, shorter
-# The model was fine-tuned on single questions, and a model this small that can copy words copies them from
-# earlier turns too, so each question starts a fresh conversation (/reset), as the demo's tip says.
+# Things the training examples teach, asked in other words than theirs ("List three primary colors.", "What is
+# the plural form of 'child'?", "What is the capital of France?"): a model this small knows little beyond
+# them (docs/finetune.md). It was fine-tuned on single questions, and a model this small that can copy words
+# copies them from earlier turns too, so each question starts a fresh conversation (/reset), as the tip says.
 CHAT_SCRIPT = (
     "Name three primary colors.",
     "/reset",
-    "What is the opposite of hot?",
+    "What is the plural of 'child'?",
     "/reset",
     "/set temperature=0",
-    "Translate 'thank you' into French.",
+    "What is the capital city of France?",
 )
 HELD_OUT_TOKENS = 100  # the longest test answer is 50 tokens; a model that never stops is cut here
 
@@ -206,9 +214,12 @@ def pretrain(prepared: PreparedCorpus, seconds: float, run_dir: Path) -> Path:
 
 
 def finetune(base: Path, run_dir: Path, seconds: float, data_dir: str | os.PathLike | None = None) -> Path:
-    """Stage 3: full fine-tuning on the instruction data for `seconds`; returns the best checkpoint."""
-    settings = {**FINETUNE_SETTINGS, "template": TEMPLATE, "max_time": seconds}
-    return finetune_and_report(base, INSTRUCTIONS, run_dir / "sft", settings, data_dir=data_dir)
+    """Stage 3: full fine-tuning on the instruction data for `seconds`, in FINETUNE_STAGES, each starting
+    from the one before; returns the last stage's kept checkpoint."""
+    for folder, share, stage_settings in FINETUNE_STAGES:
+        settings = {**stage_settings, "template": TEMPLATE, "max_time": seconds * share}
+        base = finetune_and_report(base, INSTRUCTIONS, run_dir / folder, settings, data_dir=data_dir)
+    return base
 
 
 def held_out_scores(base: Path, tuned: Path, data_dir: str | os.PathLike | None = None) -> dict[str, dict]:

@@ -102,10 +102,11 @@ def test_demo_prepares_trains_samples_finetunes_chats_scores_and_says_how_to_go_
     assert out.count("assistant> ") == 3  # three questions; the /set line answers in its own words
     assert out.count("conversation cleared") == 2  # each question on its own, as the model learnt them
     assert "train holds 3 of each original example and" in out and "word-swapped copies" in out
+    assert (run_dir / "sft-copying" / "last").is_dir() and "last weights: " in out  # then the examples alone
     assert "55 held-out questions" in out and "ROUGE-L" in out and "answer loss" in out
     assert "before fine-tuning" in out and "after fine-tuning" in out
     chat, sample = out.strip().splitlines()[-2:]
-    assert chat == f"kiln chat {run_dir / 'sft' / 'best'}"
+    assert chat == f"kiln chat {run_dir / 'sft' / 'last'}"
     monkeypatch.setattr("sys.stdin", io.StringIO("Say hi.\n/quit\n"))
     assert run(capsys, *shlex.split(chat)[1:], "--max-new-tokens", "5")[0] == 0
     assert sample.startswith(f"kiln sample {run_dir / 'best'} --prompt")

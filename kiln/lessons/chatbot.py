@@ -318,9 +318,11 @@ def _after(
         "`make demo` walks the same path with a base that reads English: a byte-level BPE trained on WikiText-2 "
         f"(with these instructions' train split mixed in), the {DEMO_PRESET} preset (1.38M parameters, with "
         "smeared keys: each attention key mixes in the one before it, so a head can find and copy a word seen "
-        "earlier), and fine-tuning of every weight, which for a model this small does better than LoRA, on "
-        "the examples (each three times) and word-swapped copies of them. Its answers take the question's own "
-        "form and words (\"The past tense of 'fly' is ...\"), still mostly without the facts (docs/finetune.md)."
+        "earlier), and fine-tuning of every weight, which for a model this small does better than LoRA, in two "
+        "stages: the examples beside word-swapped copies of them, which teach it to answer with the question's "
+        "own words, then the examples alone until it knows them by heart. Its answers take the question's own "
+        "form and words (\"The past tense of 'fly' is ...\") and give the facts its examples taught, asked in "
+        "other words, but not facts they lack (docs/finetune.md)."
     )
     return {
         "answer_after": after,
