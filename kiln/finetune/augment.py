@@ -102,8 +102,8 @@ def without_new_words(labels: list[int], encoded: Encoded, tokenizer: Tokenizer,
 
 def _new_word_tokens(ids: list[int], tokenizer: Tokenizer, asked: set[str]) -> list[int]:
     """Indexes into `ids` of the tokens whose text overlaps a word that is not in `asked`."""
-    ends = [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]  # prefixes: exact for multi-byte text
-    text = tokenizer.decode(ids)
+    prefixes = [tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]  # exact spans for multi-byte text too
+    ends, text = [len(prefix) for prefix in prefixes], prefixes[-1]
     new = [m.span() for m in ANSWER_WORD.finditer(text) if m.group(0).lower() not in asked]
     starts = [0, *ends[:-1]]
     return [i for i, (a, b) in enumerate(zip(starts, ends, strict=True)) if any(a < e and s < b for s, e in new)]
